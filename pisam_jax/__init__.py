@@ -1,0 +1,1 @@
+"""pisam-jax: Segment Anything, HQ-SAM and Pi-SAM in JAX/Flax NNX."""

@@ -1,0 +1,140 @@
+"""Building blocks shared by every model family, with PyTorch's default initialisation.
+
+Conventions (see DESIGN.md):
+  * NHWC everywhere inside the model.
+  * Attribute names mirror the PyTorch module tree, so a torch key such as
+    ``mask_decoder.output_upscaling.3.weight`` is the nnx path
+    ``('mask_decoder', 'output_upscaling', 3, 'kernel')``; the converter
+    (``convert/keymap.py``) derives keys from paths and owns every transpose.
+  * ``Sequential`` keeps torch's indexing: activations occupy a slot, exactly as
+    in ``torch.nn.Sequential``.
+  * New (trainable) layers are initialised as PyTorch initialises them, so a
+    freshly built model has the statistics of the reference at step 0.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# torch.nn.GELU() is the exact (erf) GELU; jax.nn.gelu defaults to the tanh form.
+gelu = partial(jax.nn.gelu, approximate=False)
+relu = jax.nn.relu
+
+
+def torch_uniform(bound: float):
+    """U(-bound, bound): PyTorch's default for Linear/Conv weights (kaiming_uniform a=sqrt(5)) and biases."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Buffer(nnx.Variable):
+    """A saved, never-trained tensor (torch ``register_buffer`` or ``requires_grad=False``)."""
+
+
+class Sequential(nnx.List):
+    """``torch.nn.Sequential``: applies its items in order; indices match torch's state_dict keys."""
+
+    def __call__(self, x):
+        for layer in self:
+            x = layer(x)
+        return x
+
+
+def Linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    """``torch.nn.Linear``; kernel (in, out)."""
+    bound = 1.0 / math.sqrt(in_features)
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        kernel_init=torch_uniform(bound),
+        bias_init=torch_uniform(bound),
+        rngs=rngs,
+    )
+
+
+def Conv2d(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    *,
+    rngs: nnx.Rngs,
+    stride: int = 1,
+    padding: int = 0,
+    use_bias: bool = True,
+) -> nnx.Conv:
+    """``torch.nn.Conv2d`` on NHWC input; kernel (kh, kw, in, out)."""
+    bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        kernel_size=(kernel_size, kernel_size),
+        strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        use_bias=use_bias,
+        kernel_init=torch_uniform(bound),
+        bias_init=torch_uniform(bound),
+        rngs=rngs,
+    )
+
+
+def LayerNorm(dim: int, eps: float = 1e-5, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """``torch.nn.LayerNorm`` over the last axis (eps 1e-5 by default, as torch)."""
+    return nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
+
+
+def LayerNorm2d(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """SAM's ``LayerNorm2d``: normalises over channels, eps 1e-6. In NHWC that is a LayerNorm on the last axis."""
+    return nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
+
+
+class ConvTranspose2x2(nnx.Module):
+    """``torch.nn.ConvTranspose2d(in, out, kernel_size=2, stride=2)``: each input pixel writes a 2x2 block.
+
+    kernel (in, 2, 2, out): the torch weight (in, out, kh, kw) with axes (0, 2, 3, 1).
+    (B, H, W, in) -> (B, 2H, 2W, out).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
+        # torch's fan_in for ConvTranspose2d is weight.size(1) * kh * kw = out * 4.
+        init = torch_uniform(1.0 / math.sqrt(out_channels * 4))
+        self.kernel = nnx.Param(init(rngs.params(), (in_channels, 2, 2, out_channels)))
+        self.bias = nnx.Param(init(rngs.params(), (out_channels,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, h, w, _ = x.shape
+        y = jnp.einsum("nhwi,iabo->nhawbo", x, self.kernel[...])
+        return y.reshape(n, 2 * h, 2 * w, -1) + self.bias[...]
+
+
+class MLP(nnx.Module):
+    """SAM's ``MLP``: ``num_layers`` Linear layers with ReLU between them, optional sigmoid on the output."""
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        *,
+        rngs: nnx.Rngs,
+        sigmoid_output: bool = False,
+    ):
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nnx.List(Linear(i, o, rngs=rngs) for i, o in zip(dims[:-1], dims[1:]))
+        self.sigmoid_output = sigmoid_output
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = relu(x)
+        return jax.nn.sigmoid(x) if self.sigmoid_output else x

@@ -1,0 +1,251 @@
+"""Model configurations, construction, and our checkpoint format.
+
+A checkpoint is one directory::
+
+    DIR/config.json   the ModelConfig plus provenance (what it was converted or trained from)
+    DIR/params/       orbax checkpoint of the model's variables
+
+``load_model(DIR)`` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pisam_jax.modeling.image_encoder import ENCODER_CONFIGS, ImageEncoderViT
+from pisam_jax.modeling.mask_decoder import MaskDecoder
+from pisam_jax.modeling.prompt_encoder import PromptEncoder
+from pisam_jax.modeling.transformer import TwoWayTransformer
+
+MODEL_TYPES = tuple(ENCODER_CONFIGS)
+DECODER_TYPES = ("sam",)
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+
+
+class ModelError(ValueError):
+    """A model directory or configuration that cannot be used; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model. ``preset`` gives the official sizes."""
+
+    model_type: str = "vit_b"
+    decoder: str = "sam"
+    image_size: int = 1024
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    patch_size: int = 16
+    prompt_embed_dim: int = 256
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    @classmethod
+    def preset(cls, model_type: str, decoder: str = "sam", **overrides) -> "ModelConfig":
+        if model_type not in ENCODER_CONFIGS:
+            raise ModelError(f"unknown model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+        enc = ENCODER_CONFIGS[model_type]
+        fields = dict(
+            model_type=model_type,
+            decoder=decoder,
+            encoder_embed_dim=enc["embed_dim"],
+            encoder_depth=enc["depth"],
+            encoder_num_heads=enc["num_heads"],
+            encoder_global_attn_indexes=tuple(enc["global_attn_indexes"]),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image embedding grid (64 for 1024-px inputs)."""
+        return self.image_size // self.patch_size
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
+        return {"format_version": FORMAT_VERSION, **d}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        d.pop("format_version", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ModelError(f"unknown fields in {CONFIG_FILE}: {', '.join(unknown)}")
+        d["encoder_global_attn_indexes"] = tuple(d.get("encoder_global_attn_indexes", ()))
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class ImageFeatures:
+    """What the image encoder computes once per image.
+
+    embeddings: (B, 64, 64, 256); interm: outputs of the global-attention blocks, each (B, 64, 64, C_vit).
+    """
+
+    embeddings: jax.Array
+    interm: tuple[jax.Array, ...]
+
+
+jax.tree_util.register_dataclass(ImageFeatures, data_fields=["embeddings", "interm"], meta_fields=[])
+
+
+class Sam(nnx.Module):
+    """Segment Anything: ``image_encoder``, ``prompt_encoder``, ``mask_decoder`` as in ``segment_anything.Sam``."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.image_encoder = ImageEncoderViT(
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            embed_dim=config.encoder_embed_dim,
+            depth=config.encoder_depth,
+            num_heads=config.encoder_num_heads,
+            out_chans=config.prompt_embed_dim,
+            window_size=config.window_size,
+            global_attn_indexes=config.encoder_global_attn_indexes,
+            rngs=rngs,
+        )
+        grid = config.embedding_size
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=config.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size),
+            mask_in_chans=16,
+            rngs=rngs,
+        )
+        self.mask_decoder = MaskDecoder(
+            transformer_dim=config.prompt_embed_dim,
+            transformer=TwoWayTransformer(
+                depth=2, embedding_dim=config.prompt_embed_dim, num_heads=8, mlp_dim=2048, rngs=rngs
+            ),
+            num_multimask_outputs=3,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+            rngs=rngs,
+        )
+
+    def encode(self, images: jax.Array) -> ImageFeatures:
+        """images: (B, S, S, 3) normalised and padded (``transforms.preprocess``)."""
+        embeddings, interm = self.image_encoder(images)
+        return ImageFeatures(embeddings, tuple(interm))
+
+    def decode(
+        self,
+        features: ImageFeatures,
+        *,
+        points: tuple[jax.Array, jax.Array] | None = None,
+        boxes: jax.Array | None = None,
+        masks: jax.Array | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Decodes P prompts for each of B images in one batched call.
+
+        points: (coords (B, P, N, 2), labels (B, P, N)) in the model's input frame; boxes: (B, P, 4);
+        masks: (B, P, 256, 256, 1) low-res logits. At least one prompt kind must be given.
+        Returns low-res mask logits (B, P, M, 256, 256) and IoU predictions (B, P, M), M = 3 or 1.
+        """
+        b, p = _prompt_batch(points, boxes, masks)
+        flat = lambda x: None if x is None else x.reshape((b * p,) + x.shape[2:])  # noqa: E731
+        sparse, dense = self.prompt_encoder(
+            points=None if points is None else (flat(points[0]), flat(points[1])),
+            boxes=flat(boxes),
+            masks=flat(masks),
+        )
+        low_res, iou = self.mask_decoder(
+            image_embeddings=jnp.repeat(features.embeddings, p, axis=0),
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+        return low_res.reshape((b, p) + low_res.shape[1:]), iou.reshape((b, p) + iou.shape[1:])
+
+
+def _prompt_batch(points, boxes, masks) -> tuple[int, int]:
+    given = [x.shape[:2] for x in (None if points is None else points[0], boxes, masks) if x is not None]
+    if not given:
+        raise ValueError("decode needs at least one of points, boxes or masks")
+    if len(set(given)) != 1:
+        raise ValueError(f"prompts disagree on (batch, prompts): {given}")
+    return given[0]
+
+
+def build_model(config: ModelConfig, *, seed: int = 0) -> Sam:
+    """A model with freshly initialised weights (PyTorch's default initialisation)."""
+    if config.decoder not in DECODER_TYPES:
+        raise ModelError(f"unknown decoder {config.decoder!r}; expected one of {', '.join(DECODER_TYPES)}")
+    return Sam(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: ModelConfig) -> Sam:
+    """The model's structure with shapes only (no memory, no compute): the target for loading weights."""
+    return nnx.eval_shape(lambda: build_model(config))
+
+
+def save_model(model: Sam, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Writes ``model`` to the directory ``path`` atomically: a temporary sibling renamed at the end."""
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise ModelError(f"{path} already exists; choose another --out or remove it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        import orbax.checkpoint as ocp
+
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / PARAMS_DIR, nnx.state(model, nnx.Variable).to_pure_dict())
+        checkpointer.wait_until_finished()
+        (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_json(), indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model directory {path} does not exist; convert a checkpoint first (python -m convert.sam)")
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file() or not (path / PARAMS_DIR).is_dir():
+        raise ModelError(f"{path} is not a pisam-jax model directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
+    try:
+        return ModelConfig.from_json(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ModelError(f"{config_file} is corrupt: {e}") from None
+
+
+def load_model(path: str | os.PathLike) -> Sam:
+    """Loads a model written by ``save_model`` (or by the converters)."""
+    import orbax.checkpoint as ocp
+
+    config = read_config(path)
+    model = abstract_model(config)
+    state = nnx.state(model, nnx.Variable)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
+    try:
+        restored = ocp.StandardCheckpointer().restore(Path(path).absolute() / PARAMS_DIR, target)
+    except Exception as e:  # orbax raises many types; name the directory and the cause
+        raise ModelError(f"cannot read the parameters in {Path(path) / PARAMS_DIR}: {e}") from None
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    return model

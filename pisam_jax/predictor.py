@@ -1,0 +1,157 @@
+"""Encode an image once, then prompt it many times: ``segment_anything.SamPredictor``'s contract in JAX.
+
+    predictor = Predictor(load_model("checkpoints/sam_vit_b"))
+    predictor.set_image(image)                       # (H, W, 3) uint8 RGB; runs the encoder
+    masks, scores, low_res = predictor.predict(box=np.array([x0, y0, x1, y1]))
+
+Coordinates are (x, y) pixels of the original image. Each call after ``set_image``
+runs only the prompt encoder and the decoder, jit-compiled once per prompt shape.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pisam_jax import transforms
+from pisam_jax.models import ImageFeatures, Sam
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used as given; the message names it."""
+
+
+class Predictor:
+    def __init__(self, model: Sam):
+        self.model = model
+        self.image_size = model.config.image_size
+        graphdef, self._state = nnx.split(model)
+        self._encode = jax.jit(lambda state, images: nnx.merge(graphdef, state).encode(images))
+        self._decode = jax.jit(partial(_decode, graphdef), static_argnames=("multimask_output", "input_size", "original_size"))
+        self.reset_image()
+
+    def reset_image(self) -> None:
+        self.features: ImageFeatures | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self.features is not None
+
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Encodes ``image`` (H, W, 3) uint8 and keeps its features for the prompts that follow."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise PromptError(f"set_image expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+        if image_format not in ("RGB", "BGR"):
+            raise PromptError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if image_format == "BGR":
+            image = image[..., ::-1]
+        resized = transforms.resize_longest_side(image, self.image_size)
+        model_input = transforms.preprocess(resized, self.image_size)
+        self.features = self._encode(self._state, jnp.asarray(model_input)[None])
+        self.original_size = tuple(image.shape[:2])
+        self.input_size = tuple(resized.shape[:2])
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One prompt: points (N, 2) with labels (N,) (1 foreground, 0 background), a box (4,) x0 y0 x1 y1,
+        and/or a previous low-res logit mask (1, 256, 256).
+
+        Returns masks (C, H, W) (bool, or logits with ``return_logits``), scores (C,) and
+        low-res logits (C, 256, 256); C = 3 with ``multimask_output`` else 1.
+        """
+        points = None
+        if point_coords is not None or point_labels is not None:
+            if point_coords is None or point_labels is None:
+                raise PromptError("point_coords and point_labels must be given together")
+            points = (np.asarray(point_coords)[None], np.asarray(point_labels)[None])
+        boxes = None if box is None else np.asarray(box).reshape(1, -1)
+        masks = None if mask_input is None else np.asarray(mask_input)[None]
+        out = self.predict_batch(points, boxes, masks, multimask_output, return_logits)
+        return tuple(x[0] for x in out)
+
+    def predict_batch(
+        self,
+        points: tuple[np.ndarray, np.ndarray] | None = None,
+        boxes: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """P prompts at once: points ((P, N, 2), (P, N)), boxes (P, 4), mask_input (P, 1, 256, 256).
+
+        Returns masks (P, C, H, W), scores (P, C), low-res logits (P, C, 256, 256).
+        """
+        if not self.is_image_set:
+            raise RuntimeError("an image must be set with set_image(...) before predicting")
+        if points is None and boxes is None and mask_input is None:
+            raise PromptError("give at least one prompt: points, a box or a mask")
+        # Prompts enter the model with a leading image axis of 1: (1, P, ...).
+        if points is not None:
+            coords, labels = self._check_points(*points)
+            points = (transforms.apply_coords(coords, self.original_size, self.image_size)[None], labels[None])
+        if boxes is not None:
+            boxes = transforms.apply_boxes(self._check_boxes(boxes), self.original_size, self.image_size)[None]
+        if mask_input is not None:
+            mask_input = self._check_masks(mask_input).transpose(0, 2, 3, 1)[None]
+        masks, scores, low_res = self._decode(
+            self._state,
+            self.features,
+            points,
+            boxes,
+            mask_input,
+            multimask_output=multimask_output,
+            input_size=self.input_size,
+            original_size=self.original_size,
+        )
+        masks = np.asarray(masks[0])
+        return (masks if return_logits else masks > 0.0), np.asarray(scores[0]), np.asarray(low_res[0])
+
+    @staticmethod
+    def _check_points(coords, labels) -> tuple[np.ndarray, np.ndarray]:
+        coords, labels = np.asarray(coords, np.float32), np.asarray(labels)
+        if coords.ndim != 3 or coords.shape[2] != 2 or labels.shape != coords.shape[:2]:
+            raise PromptError(f"points must be (N, 2) with labels (N,), got {coords.shape[1:]} and {labels.shape[1:]}")
+        if not np.isin(labels, (-1, 0, 1)).all():
+            raise PromptError(f"point labels must be 1 (foreground), 0 (background) or -1 (ignore), got {labels}")
+        return coords, labels.astype(np.int32)
+
+    def _check_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        boxes = np.asarray(boxes, np.float32)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise PromptError(f"boxes must be (P, 4) as x0 y0 x1 y1, got {boxes.shape}")
+        h, w = self.original_size
+        for x0, y0, x1, y1 in boxes:
+            if not (x1 > x0 and y1 > y0):
+                raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) has zero area; give x0 < x1 and y0 < y1")
+            if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+                raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {w}x{h} image")
+        return boxes
+
+    def _check_masks(self, masks) -> np.ndarray:
+        masks = np.asarray(masks, np.float32)
+        grid = 4 * self.model.config.embedding_size
+        if masks.ndim != 4 or masks.shape[1:] != (1, grid, grid):
+            raise PromptError(f"mask_input must be (1, {grid}, {grid}) low-res logits, got {masks.shape[1:]}")
+        return masks
+
+
+def _decode(graphdef, state, features, points, boxes, masks, *, multimask_output, input_size, original_size):
+    """Prompt encoder + mask decoder + upsampling to the original image, for one batch of prompts."""
+    model = nnx.merge(graphdef, state)
+    low_res, scores = model.decode(features, points=points, boxes=boxes, masks=masks, multimask_output=multimask_output)
+    full = transforms.postprocess_masks(low_res, input_size, original_size, model.config.image_size)
+    return full, scores, low_res

@@ -13,17 +13,11 @@ from pisam_jax import transforms
 from pisam_jax.models import ModelError, load_model
 from pisam_jax.predictor import Predictor, PromptError
 from tests.parity import assert_close
-from tests.sam_reference import TINY, build_torch_sam, save_official
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(torch Sam, path of its .pth, our converted model directory)."""
-    root = tmp_path_factory.mktemp("tiny_sam")
-    sam = build_torch_sam(**TINY)
-    save_official(sam, root / "sam_tiny.pth")
-    out = convert_sam(root / "sam_tiny.pth", root / "converted")
-    return sam, root / "sam_tiny.pth", out
+def tiny(tiny_sam):
+    return tiny_sam
 
 
 @pytest.fixture(scope="module")

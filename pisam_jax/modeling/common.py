@@ -87,13 +87,17 @@ def Conv2d(
 
 
 def LayerNorm(dim: int, eps: float = 1e-5, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """``torch.nn.LayerNorm`` over the last axis (eps 1e-5 by default, as torch)."""
-    return nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
+    """``torch.nn.LayerNorm`` over the last axis (eps 1e-5 by default, as torch).
+
+    Variance as torch computes it, mean first: Flax's fast E[x^2] - E[x]^2 loses precision
+    when the mean is large next to the spread (measured: 2e-2 error on a 2-channel LayerNorm2d).
+    """
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
 
 
 def LayerNorm2d(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """SAM's ``LayerNorm2d``: normalises over channels, eps 1e-6. In NHWC that is a LayerNorm on the last axis."""
-    return nnx.LayerNorm(dim, epsilon=1e-6, rngs=rngs)
+    return LayerNorm(dim, eps=1e-6, rngs=rngs)
 
 
 class ConvTranspose2x2(nnx.Module):

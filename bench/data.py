@@ -1,0 +1,132 @@
+"""Input-pipeline and click-simulation benchmarks; one JSON line per case.
+
+    python -m bench.data [--n 24] [--workers 2] [--threads 2] [--size 2048]
+
+* train pipeline throughput (images/s of 1024x1024 training samples, decode + flip +
+  large-scale jitter + crop/pad + box) on synthetic ``--size`` px JPEGs, with 0 and N
+  worker processes; the same for the eval pipeline (``stretch``);
+* click simulation time per sample at 256x256 and 1024x1024 (ours, numpy/scipy), next
+  to the reference's method (torch max-pool erosion + cv2.connectedComponents + topk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+
+def _emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def bench_pipeline(root: str, n: int, workers: int, threads: int, kind: str):
+    from pisam_jax.data import pipeline
+    from pisam_jax.data.datasets import open_folder
+
+    d = open_folder(os.path.join(root, "im"), os.path.join(root, "gt"), name="synthetic")
+    if kind == "train":
+        ds = pipeline.train_dataset([d], batch_size=1, seed=0, shard_index=0, shard_count=1,
+                                    threads=threads, workers=workers)
+    else:
+        ds = pipeline.eval_iter(pipeline.eval_dataset(d, shard_index=0, shard_count=1).repeat(None),
+                                threads=threads, workers=workers)
+    it = iter(ds)
+    for _ in range(max(2, workers * 2)):  # warm up (worker start, first decodes)
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    dt = time.perf_counter() - t0
+    _emit(bench="data_pipeline", pipeline=kind, out_size=1024, src_size=max(d[0].height, d[0].width),
+          workers=workers, threads=threads, images=n, images_per_s=round(n / dt, 2),
+          cpus=os.cpu_count())
+
+
+def _click_inputs(size: int, count: int):
+    """(pred, gt) pairs: synthetic masks as GT, predictions with holes, extra blobs and shifts."""
+    import cv2
+    from pisam_jax.data import synthetic
+
+    out = []
+    for i in range(count):
+        _, mask, _ = synthetic.generate_sample(7, i, size=max(size, 256))
+        gt = cv2.resize(mask, (size, size), interpolation=cv2.INTER_LINEAR)
+        rng = np.random.default_rng(i)
+        pred = np.roll(gt > 128, rng.integers(-3, 4, 2), axis=(0, 1))
+        for _ in range(8):
+            r, c, rad = *rng.integers(0, size, 2), int(rng.integers(2, size // 16 + 3))
+            cv2.circle(pred.view(np.uint8), (int(c), int(r)), rad, int(rng.integers(0, 2)), -1)
+        out.append((pred, gt))
+    return out
+
+
+def _reference_clicks(pred, gt, rng):
+    """The reference's PointInteract.get_points_coor for one sample (torch + cv2)."""
+    import cv2
+    import torch
+    import torch.nn.functional as F
+
+    L = torch.from_numpy(gt.astype(np.float32)) / 255
+    P = torch.from_numpy(pred.astype(np.float32))
+    pts = []
+    for err, flag in (((L - P) == 1).float(), 1), (((L - P) == -1).float(), 0):
+        e = -F.max_pool2d(-F.pad(err[None, None], (1, 1, 1, 1)), 3, stride=1)[0, 0]
+        num, lab = cv2.connectedComponents(e.numpy().astype(np.uint8))
+        for k in range(1, num):
+            area = int((lab == k).sum())
+            if area >= 2:
+                pts.append((area, flag, k, lab))
+    if not pts:
+        return
+    areas = torch.tensor([p[0] for p in pts])
+    n = int(rng.integers(1, min(10, len(pts)) + 1))
+    for j in torch.topk(areas, n).indices.tolist():
+        nz = torch.nonzero(torch.from_numpy(pts[j][3] == pts[j][2]))
+        nz[int(rng.integers(len(nz)))]
+
+
+def bench_clicks(size: int, count: int):
+    from pisam_jax.data import clicks
+
+    inputs = _click_inputs(size, count)
+    for name, fn in (("ours", lambda p, g, r: clicks.simulate_clicks(p, g, r)),
+                     ("reference_torch_cv2", _reference_clicks)):
+        rng = np.random.default_rng(0)
+        fn(*inputs[0], rng)
+        t0 = time.perf_counter()
+        for p, g in inputs:
+            fn(p, g, rng)
+        ms = (time.perf_counter() - t0) / count * 1e3
+        _emit(bench="click_simulation", impl=name, size=size, samples=count, ms_per_sample=round(ms, 3))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.data")
+    ap.add_argument("--n", type=int, default=24, help="images timed per pipeline case")
+    ap.add_argument("--workers", type=int, default=2, help="N for the worker-process case")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=2048, help="synthetic source long side")
+    ap.add_argument("--data", default=None, help="existing folder with im/ and gt/ (else generated)")
+    ap.add_argument("--click_samples", type=int, default=20)
+    a = ap.parse_args(argv)
+    from pisam_jax.data import synthetic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = a.data
+        if root is None:
+            root = tmp
+            synthetic.generate(root, 16, size=a.size, seed=0, progress=False)
+        for kind in ("train", "eval"):
+            for w in (0, a.workers):
+                bench_pipeline(root, a.n, w, a.threads, kind)
+    for size in (256, 1024):
+        bench_clicks(size, a.click_samples)
+
+
+if __name__ == "__main__":
+    main()

@@ -24,13 +24,16 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP",
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model directory (python -m convert.sam ... --out DIR)")
+    p.add_argument("--model", required=True, help="model directory (python -m convert.sam|convert.hq_sam ... --out DIR)")
     p.add_argument("--image", required=True, help="input image (8/16-bit, gray, RGB or RGBA)")
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), required=True)
     p.add_argument("--point", type=float, nargs=3, action="append", default=[], metavar=("X", "Y", "LABEL"))
     p.add_argument("--out", required=True, help="output mask (0/255 PNG)")
     p.add_argument("--overlay", help="optional picture of the mask, box and points over the image")
     p.add_argument("--multimask", action="store_true", help="predict 3 masks and keep the best-scored one")
+    p.add_argument(
+        "--hq-token-only", action="store_true", help="HQ-SAM models: the HQ token's mask alone, not added to SAM's"
+    )
     return p.parse_args(argv)
 
 
@@ -82,6 +85,7 @@ def run(args: argparse.Namespace) -> None:
         point_labels=labels if len(points) else None,
         box=box,
         multimask_output=args.multimask,
+        hq_token_only=args.hq_token_only,
     )
     mask = masks[int(np.argmax(scores))]
     outputs = {args.out: Image.fromarray((mask * 255).astype(np.uint8))}

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from absl import app
+from absl import app, flags
 
-from convert.keymap import ConversionError
-from pisam_jax.models import ENCODER_CONFIGS, ModelError
+from convert.keymap import ConversionError, load_torch_weights, torch_names
+from pisam_jax.models import ENCODER_CONFIGS, MODEL_TYPES, ModelConfig, ModelError, abstract_model, save_model
 
 _WRAPPERS = ("model_state_dict", "state_dict", "model")
 
@@ -88,6 +89,80 @@ def check_model_type(detected: str, requested: str | None) -> str:
     if requested and requested != detected:
         raise ConversionError(f"the checkpoint holds a {detected} model but --model-type says {requested}")
     return detected
+
+
+# The modules HQ-SAM adds to SAM's mask decoder; a checkpoint with any of them is an HQ-SAM one.
+HQ_MODULES = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
+_CONVERTERS = {"sam": "convert.sam", "hq": "convert.hq_sam"}
+_SOURCE_NAMES = {"sam": "sam", "hq": "hq_sam"}
+
+
+def _is_hq_key(key: str) -> bool:
+    return key.startswith(tuple(f"mask_decoder.{m}." for m in HQ_MODULES))
+
+
+def detect_decoder(state_dict: Mapping[str, object]) -> str:
+    """'hq' for an HQ-SAM checkpoint (it has HQ-SAM's decoder modules), else 'sam'."""
+    return "hq" if any(_is_hq_key(k) for k in state_dict) else "sam"
+
+
+def convert_official(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    decoder: str,
+    model_type: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """An official SAM (``decoder="sam"``) or HQ-SAM (``"hq"``) ``.pth`` -> our model directory.
+
+    Reads the ViT's configuration off the shapes, checks the file holds the requested kind of model,
+    fills every parameter and fails, listing them, on any missing, unexpected or mis-shaped key.
+    Nothing is written unless the whole conversion succeeded. Returns the output directory.
+    """
+    if Path(out).exists() and not overwrite:
+        raise ModelError(f"{out} already exists; choose another --out or pass --overwrite")
+    state_dict = read_state_dict(checkpoint)
+    encoder = detect_encoder(state_dict)
+    check_model_type(encoder["model_type"], model_type)
+    config = ModelConfig(
+        **encoder,
+        decoder=decoder,
+        provenance={
+            "converted_from": {_SOURCE_NAMES[decoder]: Path(checkpoint).name, "sha256": sha256(checkpoint)},
+            "converted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    model = abstract_model(config)
+    _check_decoder_kind(Path(checkpoint).name, state_dict, decoder, model)
+    load_torch_weights(model, state_dict, progress=f"converting {Path(checkpoint).name}")
+    return save_model(model, out, overwrite=overwrite)
+
+
+def _check_decoder_kind(name: str, state_dict, decoder: str, model) -> None:
+    """A SAM file given to the HQ-SAM converter (or the reverse) gets one message saying so."""
+    found = detect_decoder(state_dict)
+    if found == decoder:
+        return
+    if decoder == "hq":
+        hq_keys = sorted(key for key, _ in torch_names(model).values() if _is_hq_key(key))
+        raise ConversionError(
+            f"{name} is a SAM checkpoint, not HQ-SAM: it lacks HQ-SAM's decoder keys ({len(hq_keys)}): "
+            + ", ".join(hq_keys)
+            + f"; convert it with python -m {_CONVERTERS[found]}"
+        )
+    raise ConversionError(
+        f"{name} is an HQ-SAM checkpoint (it has mask_decoder.{{{', '.join(HQ_MODULES)}}}); "
+        f"convert it with python -m {_CONVERTERS[found]}"
+    )
+
+
+def define_convert_flags(what: str) -> None:
+    """The flags every converter takes: --checkpoint --out --model_type --overwrite."""
+    flags.DEFINE_string("checkpoint", None, f"{what} .pth file.", required=True)
+    flags.DEFINE_string("out", None, "Output model directory (must not exist).", required=True)
+    flags.DEFINE_enum("model_type", None, MODEL_TYPES, "vit_b, vit_l or vit_h; detected from the shapes if omitted.")
+    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 
 
 def run_cli(main) -> None:

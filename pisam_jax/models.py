@@ -22,13 +22,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pisam_jax.modeling.hq_decoder import MaskDecoderHQ
 from pisam_jax.modeling.image_encoder import ENCODER_CONFIGS, ImageEncoderViT
 from pisam_jax.modeling.mask_decoder import MaskDecoder
+from pisam_jax.modeling.pi_decoder import MaskDecoderPi, PiBase
 from pisam_jax.modeling.prompt_encoder import PromptEncoder
 from pisam_jax.modeling.transformer import TwoWayTransformer
 
 MODEL_TYPES = tuple(ENCODER_CONFIGS)
-DECODER_TYPES = ("sam",)
+DECODER_TYPES = ("sam", "hq", "pi")
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
@@ -52,6 +54,8 @@ class ModelConfig:
     window_size: int = 14
     patch_size: int = 16
     prompt_embed_dim: int = 256
+    # Pi-SAM only: whether the decoder has the Precise Interactor (stage 2) or not (stage 1).
+    interactor: bool = False
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     @classmethod
@@ -96,18 +100,25 @@ class ModelConfig:
 class ImageFeatures:
     """What the image encoder computes once per image.
 
-    embeddings: (B, 64, 64, 256); interm: outputs of the global-attention blocks, each (B, 64, 64, C_vit).
+    embeddings: (B, 64, 64, 256); interm: outputs of the global-attention blocks, each (B, 64, 64, C_vit);
+    rgb: Pi-SAM only, the decoder's RGB embedding of the normalised image (B, 1024, 1024, 8), else None.
     """
 
     embeddings: jax.Array
     interm: tuple[jax.Array, ...]
+    rgb: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(ImageFeatures, data_fields=["embeddings", "interm"], meta_fields=[])
+jax.tree_util.register_dataclass(ImageFeatures, data_fields=["embeddings", "interm", "rgb"], meta_fields=[])
 
 
 class Sam(nnx.Module):
-    """Segment Anything: ``image_encoder``, ``prompt_encoder``, ``mask_decoder`` as in ``segment_anything.Sam``."""
+    """Segment Anything: ``image_encoder``, ``prompt_encoder``, ``mask_decoder`` as in ``segment_anything.Sam``.
+
+    ``config.decoder`` picks the mask decoder: "sam" (``MaskDecoder``), "hq" (HQ-SAM's ``MaskDecoderHQ``) or
+    "pi" (Pi-SAM's ``MaskDecoderPi``, with ``interact_2`` when ``config.interactor``; decoded with
+    ``pi_base`` / ``pi_refine`` / ``decode_pi``).
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -130,21 +141,13 @@ class Sam(nnx.Module):
             mask_in_chans=16,
             rngs=rngs,
         )
-        self.mask_decoder = MaskDecoder(
-            transformer_dim=config.prompt_embed_dim,
-            transformer=TwoWayTransformer(
-                depth=2, embedding_dim=config.prompt_embed_dim, num_heads=8, mlp_dim=2048, rngs=rngs
-            ),
-            num_multimask_outputs=3,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-            rngs=rngs,
-        )
+        self.mask_decoder = _build_mask_decoder(config, rngs)
 
     def encode(self, images: jax.Array) -> ImageFeatures:
         """images: (B, S, S, 3) normalised and padded (``transforms.preprocess``)."""
         embeddings, interm = self.image_encoder(images)
-        return ImageFeatures(embeddings, tuple(interm))
+        rgb = self.mask_decoder.rgb_embedding(images) if isinstance(self.mask_decoder, MaskDecoderPi) else None
+        return ImageFeatures(embeddings, tuple(interm), rgb)
 
     def decode(
         self,
@@ -154,13 +157,17 @@ class Sam(nnx.Module):
         boxes: jax.Array | None = None,
         masks: jax.Array | None = None,
         multimask_output: bool = True,
+        hq_token_only: bool = False,
     ) -> tuple[jax.Array, jax.Array]:
         """Decodes P prompts for each of B images in one batched call.
 
         points: (coords (B, P, N, 2), labels (B, P, N)) in the model's input frame; boxes: (B, P, 4);
         masks: (B, P, 256, 256, 1) low-res logits. At least one prompt kind must be given.
-        Returns low-res mask logits (B, P, M, 256, 256) and IoU predictions (B, P, M), M = 3 or 1.
+        Returns low-res mask logits (B, P, M, 256, 256) and IoU predictions (B, P, M): M = 3 or 1 for
+        SAM; M = 1 for HQ-SAM, whose ``hq_token_only`` returns the HQ mask alone (``MaskDecoderHQ.select_hq``).
         """
+        if isinstance(self.mask_decoder, MaskDecoderPi):
+            raise ValueError("a Pi-SAM model decodes boxes with pi_base / pi_refine / decode_pi, not decode")
         b, p = _prompt_batch(points, boxes, masks)
         flat = lambda x: None if x is None else x.reshape((b * p,) + x.shape[2:])  # noqa: E731
         sparse, dense = self.prompt_encoder(
@@ -168,14 +175,101 @@ class Sam(nnx.Module):
             boxes=flat(boxes),
             masks=flat(masks),
         )
+        per_prompt = lambda x: jnp.repeat(x, p, axis=0)  # noqa: E731
+        hq = {}
+        if isinstance(self.mask_decoder, MaskDecoderHQ):  # HQ features once per image, then per prompt
+            hq_features = self.mask_decoder.hq_features(features.embeddings, features.interm[0])
+            hq = dict(hq_token_only=hq_token_only, hq_features=per_prompt(hq_features))
+        elif hq_token_only:
+            raise ValueError(f"hq_token_only needs an HQ-SAM model; this one has a {self.config.decoder!r} decoder")
         low_res, iou = self.mask_decoder(
-            image_embeddings=jnp.repeat(features.embeddings, p, axis=0),
+            image_embeddings=per_prompt(features.embeddings),
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
+            **hq,
         )
         return low_res.reshape((b, p) + low_res.shape[1:]), iou.reshape((b, p) + iou.shape[1:])
+
+    # -- Pi-SAM: box -> cached base features -> (clicks ->) 1024^2 mask --------------------------
+
+    def pi_base(self, features: ImageFeatures, boxes: jax.Array) -> PiBase:
+        """Everything that depends on the box only, computed once per box (PISAM_SPEC 3.1 steps A-D).
+
+        boxes: (B, P, 4) (x0, y0, x1, y1) in the model's input frame. Returns a PiBase whose arrays have a
+        leading B * P axis (image-major): E (B*P, 256, 256, 32), hyper_in (B*P, 1, 32), low_res (B*P, 1, 256, 256).
+        """
+        self._require_pi()
+        b, p = boxes.shape[:2]
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes.reshape(b * p, 4), masks=None)
+        decoder = self.mask_decoder
+        hq_features = decoder.hq_features(features.embeddings, features.interm[0])  # once per image
+        per_prompt = lambda x: jnp.repeat(x, p, axis=0)  # noqa: E731
+        return decoder.base(
+            per_prompt(features.embeddings), self.prompt_encoder.get_dense_pe(), sparse, dense,
+            per_prompt(hq_features),
+        )
+
+    def pi_refine(
+        self,
+        features: ImageFeatures,
+        base: PiBase,
+        clicks: tuple[jax.Array, jax.Array] | None = None,
+    ) -> jax.Array:
+        """The 1024^2 logits (B*P, 1, S, S) of ``base``: the interactor (with clicks) then the HR head.
+
+        clicks: (points (B*P, N, 2) as (x, y) normalised to [0, 1] with pixel centres, i.e.
+        ((x_px + 0.5) / S, (y_px + 0.5) / S) in the S x S input frame; labels (B*P, N): 1 foreground,
+        0 background, -1 padding). The cheap step: re-run it alone for every new click set.
+        """
+        self._require_pi()
+        p = base.embedding.shape[0] // features.rgb.shape[0]
+        rgb = jnp.repeat(features.rgb, p, axis=0)
+        if clicks is None:
+            return self.mask_decoder.refine(base, rgb)
+        points, labels = clicks
+        return self.mask_decoder.refine(base, rgb, points, jnp.maximum(labels, 0), labels < 0)
+
+    def decode_pi(
+        self,
+        features: ImageFeatures,
+        boxes: jax.Array,
+        clicks: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Box (and clicks) -> (low-res logits (B, P, 1, 256, 256), 1024^2 logits (B, P, 1, S, S)).
+
+        clicks as :meth:`pi_refine` but shaped (B, P, N, 2) and (B, P, N).
+        """
+        b, p = boxes.shape[:2]
+        base = self.pi_base(features, boxes)
+        if clicks is not None:
+            clicks = (clicks[0].reshape((b * p,) + clicks[0].shape[2:]), clicks[1].reshape(b * p, -1))
+        large = self.pi_refine(features, base, clicks)
+        return base.low_res.reshape((b, p) + base.low_res.shape[1:]), large.reshape((b, p) + large.shape[1:])
+
+    def _require_pi(self) -> None:
+        if not isinstance(self.mask_decoder, MaskDecoderPi):
+            raise ValueError(f"this needs a Pi-SAM model; this one has a {self.config.decoder!r} decoder")
+
+
+def _build_mask_decoder(config: ModelConfig, rngs: nnx.Rngs) -> MaskDecoder:
+    """SAM's decoder sizes (``segment_anything.build_sam``); HQ-SAM adds the ViT width for its HQ features."""
+    sam_decoder = dict(
+        transformer_dim=config.prompt_embed_dim,
+        transformer=TwoWayTransformer(
+            depth=2, embedding_dim=config.prompt_embed_dim, num_heads=8, mlp_dim=2048, rngs=rngs
+        ),
+        num_multimask_outputs=3,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+        rngs=rngs,
+    )
+    if config.decoder == "hq":
+        return MaskDecoderHQ(vit_dim=config.encoder_embed_dim, **sam_decoder)
+    if config.decoder == "pi":
+        return MaskDecoderPi(vit_dim=config.encoder_embed_dim, interactor=config.interactor, **sam_decoder)
+    return MaskDecoder(**sam_decoder)
 
 
 def _prompt_batch(points, boxes, masks) -> tuple[int, int]:
@@ -224,7 +318,9 @@ def save_model(model: Sam, path: str | os.PathLike, *, overwrite: bool = False) 
 def read_config(path: str | os.PathLike) -> ModelConfig:
     path = Path(path)
     if not path.is_dir():
-        raise ModelError(f"model directory {path} does not exist; convert a checkpoint first (python -m convert.sam)")
+        raise ModelError(
+            f"model directory {path} does not exist; convert a checkpoint first (python -m convert.sam or convert.hq_sam)"
+        )
     config_file = path / CONFIG_FILE
     if not config_file.is_file() or not (path / PARAMS_DIR).is_dir():
         raise ModelError(f"{path} is not a pisam-jax model directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")

@@ -4,6 +4,9 @@
     predictor.set_image(image)                       # (H, W, 3) uint8 RGB; runs the encoder
     masks, scores, low_res = predictor.predict(box=np.array([x0, y0, x1, y1]))
 
+HQ-SAM models (``convert.hq_sam``) take the same calls plus ``hq_token_only``, as
+``segment_anything_hq.SamPredictor``; they return one mask per prompt.
+
 Coordinates are (x, y) pixels of the original image. Each call after ``set_image``
 runs only the prompt encoder and the decoder, jit-compiled once per prompt shape.
 """
@@ -18,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from pisam_jax import transforms
+from pisam_jax.modeling.hq_decoder import MaskDecoderHQ
 from pisam_jax.models import ImageFeatures, Sam
 
 
@@ -31,7 +35,10 @@ class Predictor:
         self.image_size = model.config.image_size
         graphdef, self._state = nnx.split(model)
         self._encode = jax.jit(lambda state, images: nnx.merge(graphdef, state).encode(images))
-        self._decode = jax.jit(partial(_decode, graphdef), static_argnames=("multimask_output", "input_size", "original_size"))
+        self._decode = jax.jit(
+            partial(_decode, graphdef),
+            static_argnames=("multimask_output", "hq_token_only", "input_size", "original_size"),
+        )
         self.reset_image()
 
     def reset_image(self) -> None:
@@ -66,12 +73,15 @@ class Predictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        hq_token_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One prompt: points (N, 2) with labels (N,) (1 foreground, 0 background), a box (4,) x0 y0 x1 y1,
         and/or a previous low-res logit mask (1, 256, 256).
 
         Returns masks (C, H, W) (bool, or logits with ``return_logits``), scores (C,) and
-        low-res logits (C, 256, 256); C = 3 with ``multimask_output`` else 1.
+        low-res logits (C, 256, 256); C = 3 with ``multimask_output`` else 1. HQ-SAM models return
+        C = 1: with ``multimask_output`` the best-scored SAM mask, plus the HQ mask; with
+        ``hq_token_only`` the HQ mask alone.
         """
         points = None
         if point_coords is not None or point_labels is not None:
@@ -80,7 +90,7 @@ class Predictor:
             points = (np.asarray(point_coords)[None], np.asarray(point_labels)[None])
         boxes = None if box is None else np.asarray(box).reshape(1, -1)
         masks = None if mask_input is None else np.asarray(mask_input)[None]
-        out = self.predict_batch(points, boxes, masks, multimask_output, return_logits)
+        out = self.predict_batch(points, boxes, masks, multimask_output, return_logits, hq_token_only)
         return tuple(x[0] for x in out)
 
     def predict_batch(
@@ -90,11 +100,14 @@ class Predictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        hq_token_only: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """P prompts at once: points ((P, N, 2), (P, N)), boxes (P, 4), mask_input (P, 1, 256, 256).
 
         Returns masks (P, C, H, W), scores (P, C), low-res logits (P, C, 256, 256).
         """
+        if hq_token_only and not isinstance(self.model.mask_decoder, MaskDecoderHQ):
+            raise PromptError(f"hq_token_only needs an HQ-SAM model; this is a {self.model.config.decoder!r} model")
         if not self.is_image_set:
             raise RuntimeError("an image must be set with set_image(...) before predicting")
         if points is None and boxes is None and mask_input is None:
@@ -114,6 +127,7 @@ class Predictor:
             boxes,
             mask_input,
             multimask_output=multimask_output,
+            hq_token_only=bool(hq_token_only),
             input_size=self.input_size,
             original_size=self.original_size,
         )
@@ -149,9 +163,18 @@ class Predictor:
         return masks
 
 
-def _decode(graphdef, state, features, points, boxes, masks, *, multimask_output, input_size, original_size):
+def _decode(
+    graphdef, state, features, points, boxes, masks, *, multimask_output, hq_token_only, input_size, original_size
+):
     """Prompt encoder + mask decoder + upsampling to the original image, for one batch of prompts."""
     model = nnx.merge(graphdef, state)
-    low_res, scores = model.decode(features, points=points, boxes=boxes, masks=masks, multimask_output=multimask_output)
+    low_res, scores = model.decode(
+        features,
+        points=points,
+        boxes=boxes,
+        masks=masks,
+        multimask_output=multimask_output,
+        hq_token_only=hq_token_only,
+    )
     full = transforms.postprocess_masks(low_res, input_size, original_size, model.config.image_size)
     return full, scores, low_res

@@ -1,0 +1,153 @@
+"""Per-prompt decoder latency after ``set_image``: our Predictor vs the PyTorch SamPredictor, SAM and HQ-SAM.
+
+    python -m bench.decoder [--model-type vit_b] [--repeats 20] [--prompts 1] [--cases decoder_sam decoder_hq]
+
+(also reachable as ``python -m bench.encoder --cases decoder_sam decoder_hq``). Prints one JSON line per case.
+
+What is timed is what a user waits for after an image is set: ``predictor.predict(box=...)`` (or
+``predict_batch`` with ``--prompts`` boxes), i.e. prompt encoder + mask decoder (+ HQ features for
+HQ-SAM, computed per call as ``segment_anything_hq`` does) + upsampling of the logits to the original
+image, on both sides, results on the host. Random weights (``sam_model_registry[model_type]()`` of
+``segment_anything`` / ``segment_anything_hq``) converted by ``convert.keymap.load_torch_weights``.
+The image encoder is not run: both predictors get the same random image features
+(embedding and global-block outputs), which the decoder's cost does not depend on.
+The first call checks that the low-res logits agree.
+
+Timing: median wall time of ``--repeats`` calls after a warm-up (ours: the warm-up compiles, its
+time is ``compile_s``); torch under ``torch.inference_mode`` with ``torch.set_num_threads(os.cpu_count())``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.encoder import _device, median_seconds
+
+ORIGINAL_SIZE = (768, 1024)  # a 4:3 landscape photo: resized to 768x1024, padded to 1024
+
+
+def _models(model_type: str, decoder: str):
+    """(torch Sam, our Sam) with the same random weights."""
+    import torch
+
+    from convert.keymap import load_torch_weights
+    from pisam_jax.models import ModelConfig, abstract_model
+
+    torch.manual_seed(0)
+    if decoder == "hq":
+        from segment_anything_hq import sam_model_registry
+    else:
+        from segment_anything import sam_model_registry
+    ref = sam_model_registry[model_type]().eval()
+    ours = abstract_model(ModelConfig.preset(model_type, decoder=decoder))
+    load_torch_weights(ours, ref.state_dict())
+    return ref, ours
+
+
+def _set_features(ours, ref, config, rng) -> None:
+    """Gives both predictors the same random image features, as ``set_image`` would leave them."""
+    import torch
+
+    from pisam_jax.models import ImageFeatures
+
+    g = config.embedding_size
+    emb = rng.standard_normal((1, g, g, config.prompt_embed_dim), dtype=np.float32)
+    interm = [rng.standard_normal((1, g, g, config.encoder_embed_dim), dtype=np.float32)
+              for _ in config.encoder_global_attn_indexes]  # fmt: skip
+    input_size = tuple(round(s * config.image_size / max(ORIGINAL_SIZE)) for s in ORIGINAL_SIZE)
+    ours.features = jax.device_put(ImageFeatures(jnp.asarray(emb), tuple(jnp.asarray(x) for x in interm)))
+    ours.original_size, ours.input_size = ORIGINAL_SIZE, input_size
+    ref.reset_image()
+    ref.features = torch.from_numpy(emb.transpose(0, 3, 1, 2).copy())
+    ref.interm_features = [torch.from_numpy(x) for x in interm]  # HQ-SAM's predictor reads these
+    ref.original_size, ref.input_size, ref.is_image_set = ORIGINAL_SIZE, input_size, True
+
+
+def bench_decoder(args, decoder: str) -> dict:
+    import torch
+
+    from pisam_jax.predictor import Predictor
+
+    if decoder == "hq":
+        from segment_anything_hq import SamPredictor
+    else:
+        from segment_anything import SamPredictor
+
+    torch.set_num_threads(os.cpu_count())
+    ref_model, model = _models(args.model_type, decoder)
+    ours, ref = Predictor(model), SamPredictor(ref_model)
+    rng = np.random.default_rng(0)
+    _set_features(ours, ref, model.config, rng)
+    h, w = ORIGINAL_SIZE
+    x0, y0 = rng.uniform(0, [w / 2, h / 2], (args.prompts, 2)).T
+    boxes = np.stack([x0, y0, x0 + w / 3, y0 + h / 3], axis=1).astype(np.float32)
+
+    def run_ours():
+        if args.prompts == 1:
+            return ours.predict(box=boxes[0], multimask_output=False)
+        return ours.predict_batch(boxes=boxes, multimask_output=False)
+
+    def run_torch():
+        with torch.inference_mode():
+            if args.prompts == 1:
+                return ref.predict(box=boxes[0], multimask_output=False)
+            t_boxes = ref.transform.apply_boxes_torch(torch.from_numpy(boxes), ORIGINAL_SIZE)
+            return ref.predict_torch(None, None, t_boxes, multimask_output=False)
+
+    torch_low = np.asarray(run_torch()[2])  # also the warm-up
+    torch_s = median_seconds(run_torch, args.repeats)
+    t0 = time.perf_counter()
+    low = run_ours()[2]
+    compile_s = time.perf_counter() - t0
+    ours_s = median_seconds(run_ours, args.repeats)
+
+    err = float(np.abs(low - torch_low).max())
+    return {
+        "case": f"decoder_{decoder}",
+        "model_type": args.model_type,
+        "prompts": args.prompts,
+        "original_size": list(ORIGINAL_SIZE),
+        "dtype": "float32",
+        "device": _device(),
+        "repeats": args.repeats,
+        "compile_s": round(compile_s, 2),
+        "ours_ms": round(1e3 * ours_s, 2),
+        "torch_ms": round(1e3 * torch_s, 2),
+        "ours_ms_per_prompt": round(1e3 * ours_s / args.prompts, 2),
+        "torch_ms_per_prompt": round(1e3 * torch_s / args.prompts, 2),
+        "ratio_ours_over_torch": round(ours_s / torch_s, 3),
+        "max_abs_err_low_res": err,
+        "max_rel_err_low_res": err / float(np.abs(torch_low).max()),
+    }
+
+
+CASES = {"decoder_sam": lambda args: bench_decoder(args, "sam"), "decoder_hq": lambda args: bench_decoder(args, "hq")}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", type=int, default=1, help="boxes per call (1: predict, more: predict_batch)")
+
+
+def main(argv=None) -> None:
+    jax.config.update("jax_default_matmul_precision", "highest")  # true fp32 everywhere, as torch's matmuls
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls after the warm-up (median reported)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.prompts < 1:
+        parser.error("--repeats and --prompts must be at least 1")
+    for case in args.cases:
+        print(json.dumps(CASES[case](args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,419 @@
+"""Reports: the paper's tables as Markdown / CSV / JSON, metric-versus-clicks plots, worst-case galleries.
+
+Results come in as nested dicts of floats (what ``MetricSuite.results()`` gives, per model
+and dataset):
+
+* ``{model: {dataset: {metric: value}}}`` for Tables 1 (DIS5K), 3 (HRSOD/UHRSD), 4 (BIG);
+* ``{model: {n_clicks: {metric: value}}}`` for Table 2, ``n_clicks`` 0 being the initial
+  ("Ori") prediction;
+* ``{model: {mode: {metric: value}}}`` for Table 7, mode in ``Ori``/``ALL``/``BG``/``FG``.
+
+A table builder returns a ``Table``; ``write_table`` writes ``<stem>.md``, ``<stem>.csv``
+(the same cells, numbers at full precision) and ``<stem>.json`` (the results it was
+built from). Every file is written to a temporary name and renamed into place.
+Markdown marks the best value of a row in bold (direction-aware: MAE and HCE lower is
+better); in the click tables, as in the paper, an interactive value is bold when it
+improves on the initial one. Missing values print as ``-`` (empty in CSV).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pisam_jax.evaluation.metrics import (BIG_METRICS, CLICK_METRICS, DIS_METRICS, LOWER_IS_BETTER,
+                                          SOD_METRICS)
+
+METRIC_LABELS = {  # Markdown labels, as the paper writes them (GitHub renders the $...$)
+    "max_f": r"$F_{\beta}^x$ ↑",
+    "mean_f": r"$F_{\beta}^m$ ↑",
+    "weighted_f": r"$F_{\beta}^{\omega}$ ↑",
+    "mae": r"$\mathcal{M}$ ↓",
+    "s_measure": r"$S_m$ ↑",
+    "mean_e": r"$E_{\phi}^m$ ↑",
+    "max_e": r"$E_{\phi}^x$ ↑",
+    "hce": r"$HCE_{\gamma}$ ↓",
+    "iou": "IoU ↑",
+    "boundary_iou": "Bnd IoU ↑",
+    "mba": "mBA ↑",
+}
+PLAIN_LABELS = {"max_f": "max F", "mean_f": "mean F", "weighted_f": "weighted F", "mae": "MAE",
+                "s_measure": "S-measure", "mean_e": "mean E", "max_e": "max E", "hce": "HCE",
+                "iou": "IoU", "boundary_iou": "Boundary IoU", "mba": "mBA"}
+DIS_DATASETS = ("DIS5K-TE1", "DIS5K-TE2", "DIS5K-TE3", "DIS5K-TE4", "DIS5K-TE(1-4)", "DIS5K-VD")
+SOD_DATASETS = ("HRSOD-TE", "UHRSD-TE")
+BIG_DATASETS = ("BIG_test", "BIG_val")
+CLICK_MODES = ("Ori", "ALL", "BG", "FG")  # paper Table 7 column order
+DATASET_LABELS = {"DIS5K-TE1": "DIS-TE1", "DIS5K-TE2": "DIS-TE2", "DIS5K-TE3": "DIS-TE3",
+                  "DIS5K-TE4": "DIS-TE4", "DIS5K-TE(1-4)": "DIS-TE(1-4)", "DIS5K-VD": "DIS-VD",
+                  "HRSOD-TE": "HRSOD", "UHRSD-TE": "UHRSD", "BIG_test": "BIG Test", "BIG_val": "BIG Val"}
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Table:
+    """A report table: ``keys`` label columns then value columns; one ``Row`` per line."""
+
+    title: str
+    key_columns: list[str]
+    value_columns: list[str]  # CSV / JSON header names
+    value_labels: list[str]  # Markdown header labels
+    rows: list["Row"] = field(default_factory=list)
+    column_metrics: list[str] | None = None  # per value column, when columns (not rows) are metrics
+
+
+@dataclass
+class Row:
+    keys: list[str]  # CSV cells of the label columns
+    key_labels: list[str]  # Markdown cells of the label columns ("" repeats are blanked)
+    metric: str
+    values: list[float | None]
+    bold: list[bool]
+
+
+def _value(d: Mapping, *path) -> float | None:
+    for k in path:
+        if not isinstance(d, Mapping) or k not in d:
+            return None
+        d = d[k]
+    if d is None:  # NaN written to JSON comes back as null
+        return None
+    v = float(d)
+    return None if math.isnan(v) else v
+
+
+def _best_mask(metric: str, values: Sequence[float | None]) -> list[bool]:
+    present = [v for v in values if v is not None]
+    if len(present) < 2:
+        return [False] * len(values)
+    best = min(present) if metric in LOWER_IS_BETTER else max(present)
+    return [v is not None and v == best for v in values]
+
+
+def _improved(metric: str, before: float | None, after: float | None) -> bool:
+    if before is None or after is None:
+        return False
+    return after < before if metric in LOWER_IS_BETTER else after > before
+
+
+def format_value(metric: str, value: float | None) -> str:
+    """3 decimals; HCE (a count of control points) as an integer; ``-`` when missing."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if metric == "hce" else f"{value:.3f}"
+
+
+def _models(results: Mapping, models: Sequence[str] | None) -> list[str]:
+    return list(models) if models is not None else list(results)
+
+
+def _ordered(found, preferred: Sequence) -> list:
+    """The preferred keys present in ``found`` in that order, then the others as found."""
+    found = list(dict.fromkeys(found))
+    return [k for k in preferred if k in found] + [k for k in found if k not in preferred]
+
+
+def add_dis_te_mean(results: Mapping, sets: Sequence[str] = DIS_DATASETS[:4],
+                    name: str = "DIS5K-TE(1-4)") -> dict:
+    """A copy of ``{model: {dataset: {metric}}}`` with ``name`` = the mean of the four test sets' scores.
+
+    DIS5K's "DIS-TE(1-4)" row is the average of the four subsets' scores (each subset
+    weighted equally), not a pool of their images. Models missing a set get no row.
+    """
+    out = {m: {d: dict(v) for d, v in per.items()} for m, per in results.items()}
+    for model, per in out.items():
+        if not all(s in per for s in sets):
+            continue
+        metrics = set.intersection(*(set(per[s]) for s in sets))
+        out[model][name] = {k: float(np.mean([per[s][k] for s in sets])) for k in sorted(metrics)}
+    return out
+
+
+def dis_table(results: Mapping, models: Sequence[str] | None = None,
+              datasets: Sequence[str] | None = None, metrics: Sequence[str] = DIS_METRICS) -> Table:
+    """Paper Table 1: rows dataset x metric, columns models; best model of a row in bold."""
+    models = _models(results, models)
+    if datasets is None:
+        datasets = _ordered([d for m in models for d in results.get(m, {})], DIS_DATASETS)
+    t = Table("Results on DIS5K", ["dataset", "metric"], list(models), list(models))
+    for d in datasets:
+        for i, k in enumerate(metrics):
+            vals = [_value(results, m, d, k) for m in models]
+            t.rows.append(Row([d, k], [DATASET_LABELS.get(d, d) if i == 0 else "", METRIC_LABELS.get(k, k)],
+                              k, vals, _best_mask(k, vals)))
+    return t
+
+
+def _per_model_table(title, results, models, datasets, metrics, preferred) -> Table:
+    models = _models(results, models)
+    if datasets is None:
+        datasets = _ordered([d for m in models for d in results.get(m, {})], preferred)
+    cols = [f"{d}/{k}" for d in datasets for k in metrics]
+    labels = [f"{DATASET_LABELS.get(d, d)} {METRIC_LABELS.get(k, k)}" for d in datasets for k in metrics]
+    t = Table(title, ["model"], cols, labels)
+    rows_vals = [[_value(results, m, d, k) for d in datasets for k in metrics] for m in models]
+    # bold: best model in each column
+    col_best = [_best_mask(metrics[j % len(metrics)], [rv[j] for rv in rows_vals]) for j in range(len(cols))]
+    for i, m in enumerate(models):
+        bold = [col_best[j][i] for j in range(len(cols))]
+        t.rows.append(Row([m], [m], "", rows_vals[i], bold))
+    t.column_metrics = [metrics[j % len(metrics)] for j in range(len(cols))]
+    return t
+
+
+def sod_table(results: Mapping, models: Sequence[str] | None = None,
+              datasets: Sequence[str] | None = None, metrics: Sequence[str] = SOD_METRICS) -> Table:
+    """Paper Table 3: rows models, columns dataset x metric (HRSOD, UHRSD; S_m, F^x, E^m, M)."""
+    return _per_model_table("High-resolution salient object detection", results, models, datasets,
+                            metrics, SOD_DATASETS)
+
+
+def big_table(results: Mapping, models: Sequence[str] | None = None,
+              datasets: Sequence[str] | None = None, metrics: Sequence[str] = BIG_METRICS) -> Table:
+    """Paper Table 4: rows models, columns dataset x metric (BIG test / val; IoU, mBA)."""
+    return _per_model_table("Zero-shot on BIG", results, models, datasets, metrics, BIG_DATASETS)
+
+
+def clicks_table(results: Mapping, models: Sequence[str] | None = None,
+                 clicks: Sequence[int] | None = None, metrics: Sequence[str] = CLICK_METRICS) -> Table:
+    """Paper Table 2: rows n_clicks x metric, columns ``Ori-<model>``, ``<model>`` per model.
+
+    ``results[model][0]`` is the initial prediction; ``clicks`` defaults to every
+    positive count present. An after-click value is bold when it improves on ``Ori``.
+    """
+    models = _models(results, models)
+    norm = {m: {int(k): v for k, v in results.get(m, {}).items()} for m in models}
+    if clicks is None:
+        clicks = sorted({k for m in models for k in norm[m] if k > 0})
+    cols, labels = [], []
+    for m in models:
+        cols += [f"Ori-{m}", m]
+        labels += [f"Ori-{m}", m]
+    t = Table("Interactive correction of wrongly predicted areas", ["points", "metric"], cols, labels)
+    for n in clicks:
+        for i, k in enumerate(metrics):
+            vals, bold = [], []
+            for m in models:
+                ori, after = _value(norm, m, 0, k), _value(norm, m, n, k)
+                vals += [ori, after]
+                bold += [False, _improved(k, ori, after)]
+            t.rows.append(Row([str(n), k], [str(n) if i == 0 else "", METRIC_LABELS.get(k, k)], k, vals, bold))
+    return t
+
+
+def click_modes_table(results: Mapping, models: Sequence[str] | None = None,
+                      modes: Sequence[str] = CLICK_MODES, metrics: Sequence[str] = CLICK_METRICS) -> Table:
+    """Paper Table 7: rows model x metric, columns Ori / ALL / BG / FG; best mode of a row in bold."""
+    models = _models(results, models)
+    t = Table("Preference for click types", ["model", "metric"], list(modes), list(modes))
+    for m in models:
+        for i, k in enumerate(metrics):
+            vals = [_value(results, m, mode, k) for mode in modes]
+            t.rows.append(Row([m, k], [m if i == 0 else "", METRIC_LABELS.get(k, k)], k, vals, _best_mask(k, vals)))
+    return t
+
+
+def to_markdown(table: Table) -> str:
+    head = [*table.key_columns, *table.value_labels]
+    lines = [f"**{table.title}**", "", "| " + " | ".join(head) + " |",
+             "| " + " | ".join(["---"] * len(table.key_columns) + ["---:"] * len(table.value_labels)) + " |"]
+    col_metrics = table.column_metrics
+    for row in table.rows:
+        cells = []
+        for j, (v, b) in enumerate(zip(row.values, row.bold)):
+            s = format_value(col_metrics[j] if col_metrics else row.metric, v)
+            cells.append(f"**{s}**" if b else s)
+        lines.append("| " + " | ".join([*row.key_labels, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*table.key_columns, *table.value_columns])
+    for row in table.rows:
+        w.writerow([*row.keys, *("" if v is None else repr(v) for v in row.values)])
+    return buf.getvalue()
+
+
+KEY_COLUMNS = ("dataset", "metric", "model", "points")
+
+
+def read_csv(path: str | os.PathLike, key_columns: Sequence[str] = KEY_COLUMNS) -> list[dict]:
+    """Rows of a table CSV as dicts; cells outside ``key_columns`` as float (None when empty)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{c: (v if c in key_columns else (None if v == "" else float(v))) for c, v in r.items()}
+            for r in rows]
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _jsonable(obj):
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if math.isnan(v) else v
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Atomic JSON (numpy scalars as Python numbers, NaN as null, keys as strings)."""
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def write_table(table: Table, results: Mapping, out_dir: str | os.PathLike, stem: str) -> dict[str, Path]:
+    """``<out_dir>/<stem>.md``, ``.csv``, ``.json`` (the results); returns the three paths."""
+    out_dir = Path(out_dir)
+    return {
+        "md": atomic_write_text(out_dir / f"{stem}.md", to_markdown(table)),
+        "csv": atomic_write_text(out_dir / f"{stem}.csv", to_csv(table)),
+        "json": write_json(out_dir / f"{stem}.json", results),
+    }
+
+
+def _save_figure(fig, path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_clicks(results: Mapping, path: str | os.PathLike, metrics: Sequence[str] = CLICK_METRICS,
+                models: Sequence[str] | None = None, title: str = "Metrics versus number of clicks",
+                dpi: int = 100) -> Path:
+    """One panel per metric, x = number of clicks (0 = initial prediction), one line per model (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    models = _models(results, models)
+    n = len(metrics)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.4 * nrows), dpi=dpi, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, k in zip(axes, metrics):
+        for m in models:
+            pts = sorted((int(c), _value(results, m, c, k)) for c in results.get(m, {}))
+            pts = [(c, v) for c, v in pts if v is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=m)
+        ax.set_title(f"{PLAIN_LABELS.get(k, k)} ({'lower' if k in LOWER_IS_BETTER else 'higher'} is better)")
+        ax.set_xlabel("clicks")
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    axes[0].legend()
+    fig.suptitle(title)
+    return _save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- gallery
+
+
+def _load_rgb(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _load_mask(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L")) > 128
+
+
+def worst_cases_gallery(cases: Sequence[tuple], path: str | os.PathLike, *, tile: int = 256,
+                        metric: str = "IoU") -> Path:
+    """A grid PNG, one row per case: image | ground truth overlay | prediction overlay.
+
+    ``cases``: (name, image path, gt path, pred path, score) tuples, in display order.
+    Each panel is scaled to ``tile`` pixels high (at most ``2 * tile`` wide) and centred in
+    a column as wide as the widest panel, so the PNG is ``3 * cell_w + 16`` wide and
+    ``caption_h + len(cases) * (tile + caption_h + 4)`` high (``caption_h = max(14, tile // 16) + 8``).
+    The caption gives the name and score. Masks are read as ``> 128`` and resized to the panel.
+    """
+    import cv2
+    from PIL import Image, ImageDraw, ImageFont
+
+    from pisam_jax.overlay import draw_overlay
+
+    if not cases:
+        raise ValueError("worst_cases_gallery needs at least one case")
+    font = ImageFont.load_default(size=max(10, tile // 16))
+    caption_h = max(14, tile // 16) + 8
+    gap = 4
+    rows = []
+    for name, image_path, gt_path, pred_path, score in cases:
+        img = _load_rgb(image_path)
+        h, w = img.shape[:2]
+        th, tw = (tile, max(1, round(w * tile / h))) if w <= 2 * h else (max(1, round(h * 2 * tile / w)), 2 * tile)
+        small = cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
+        panels = [Image.fromarray(small)]
+        for mpath in (gt_path, pred_path):
+            m = _load_mask(mpath).astype(np.uint8) * 255
+            m = cv2.resize(m, (tw, th), interpolation=cv2.INTER_AREA) > 127
+            panels.append(draw_overlay(small, m))
+        rows.append((f"{name}   {metric} = {score:.3f}", panels))
+    cell_w = max(p.width for _, ps in rows for p in ps)  # one column width for all rows, panels centred
+    width = 3 * cell_w + 4 * gap
+    height = caption_h + len(rows) * (tile + caption_h + gap)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(("image", "ground truth", "prediction")):
+        draw.text((gap + j * (cell_w + gap) + 2, 2), label, fill=(0, 0, 0), font=font)
+    y = caption_h
+    for caption, panels in rows:
+        draw.text((gap + 2, y + 2), caption, fill=(0, 0, 0), font=font)
+        for j, p in enumerate(panels):
+            x0 = gap + j * (cell_w + gap) + (cell_w - p.width) // 2
+            canvas.paste(p, (x0, y + caption_h + (tile - p.height) // 2))
+        y += tile + caption_h + gap
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())

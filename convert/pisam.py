@@ -89,7 +89,9 @@ def check_rgb_fingerprints(weights: Mapping[str, np.ndarray], model_type: str) -
     if expected is None:
         return "no fingerprint (custom model)"
     got = {k: float(np.sum(weights[k], dtype=np.float64)) for k in expected}
-    bad = [f"{k}: sum {got[k]:.6f}, expected {v:.6f}" for k, v in expected.items() if abs(got[k] - v) > _FINGERPRINT_ATOL]
+    bad = [
+        f"{k}: sum {got[k]:.6f}, expected {v:.6f}" for k, v in expected.items() if abs(got[k] - v) > _FINGERPRINT_ATOL
+    ]
     if bad:
         raise ConversionError(
             f"the seed-{RGB_SEED} rgb_embed reconstruction for {model_type} does not match PISAM_SPEC 2.2 "
@@ -127,8 +129,11 @@ def _pi_state_dict(path: Path, encoder: Mapping) -> tuple[dict, bool]:
 def _check_sam_keys(name: str, sam_sd: Mapping) -> None:
     stray = sorted(k for k in sam_sd if not k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.")))
     if stray:
-        raise ConversionError(f"{name} has keys outside image_encoder / prompt_encoder / mask_decoder: " + ", ".join(stray))
-    if any(k.startswith("mask_decoder.") and k.split(".")[1] in ("hf_token", "hf_mlp", "compress_vit_feat") for k in sam_sd):
+        raise ConversionError(
+            f"{name} has keys outside image_encoder / prompt_encoder / mask_decoder: " + ", ".join(stray)
+        )
+    hq = ("hf_token", "hf_mlp", "compress_vit_feat")
+    if any(k.startswith("mask_decoder.") and k.split(".")[1] in hq for k in sam_sd):
         raise ConversionError(f"{name} is an HQ-SAM checkpoint; pass Meta's SAM checkpoint as --sam_checkpoint")
 
 

@@ -1,0 +1,141 @@
+"""Pi-SAM decoder latency: ours (jitted) vs the PyTorch reference (``tests/pisam_reference.py``), same weights.
+
+    python -m bench.pi_decoder [--model-type vit_b] [--repeats 5] [--clicks 5]
+
+Prints one JSON line per case:
+  * ``pi_box``:    what a new box costs: HQ features, SAM's transformer with the HQ token, the 256^2 logits, the
+                   Object Embedder (two deformable convs at 256^2) and the HR head to the 1024^2 logits;
+  * ``pi_clicks``: what a new click set costs given the box's cached E: the Precise Interactor + HR head.
+The image encoder is not run: both sides get the same random image features and RGB embedding (the decoder's
+cost does not depend on their values). The first call of each case checks the 1024^2 logits agree.
+Timing: median wall time of ``--repeats`` calls after a warm-up (ours: compile time reported separately);
+torch under ``torch.inference_mode`` with ``torch.set_num_threads(os.cpu_count())``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench.encoder import _device, median_seconds
+
+
+def _setup(model_type: str):
+    import torch
+    from flax import nnx
+
+    from convert.keymap import load_torch_weights
+    from pisam_jax.models import ModelConfig, build_model
+    from tests.pisam_reference import VIT_CONFIGS, MaskDecoderAE, perturb_
+
+    vit_dim = VIT_CONFIGS[model_type]["embed_dim"]
+    torch.manual_seed(0)
+    ref = perturb_(MaskDecoderAE(vit_dim, interact=True)).eval()
+    rgb = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1))
+    model = build_model(ModelConfig.preset(model_type, decoder="pi", interactor=True))
+    rgb_sd = {f"rgb_embed.{k}": v for k, v in rgb.state_dict().items()}
+    load_torch_weights(model.mask_decoder, {**ref.state_dict(), **rgb_sd})
+    return ref, rgb, model, nnx
+
+
+def _result(case, args, compile_s, ours_s, torch_s, ours, reference) -> dict:
+    err = float(np.abs(np.asarray(ours) - reference).max())
+    return {
+        "case": case, "model_type": args.model_type, "clicks": args.clicks if case == "pi_clicks" else 0,
+        "dtype": "float32", "device": _device(), "repeats": args.repeats, "compile_s": round(compile_s, 2),
+        "ours_s": round(ours_s, 4), "torch_s": round(torch_s, 4), "ratio_ours_over_torch": round(ours_s / torch_s, 3),
+        "max_abs_err": err, "max_rel_err": err / float(np.abs(reference).max()),
+    }
+
+
+def main(argv=None) -> None:
+    jax.config.update("jax_default_matmul_precision", "highest")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clicks", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from tests.pisam_reference import interact
+
+    torch.set_num_threads(os.cpu_count())
+    ref, rgb_embed, model, nnx = _setup(args.model_type)
+    dec = model.mask_decoder
+    graphdef, state = nnx.split(dec)
+    rng = np.random.default_rng(0)
+    c_vit = model.config.encoder_embed_dim
+    emb, dense, pe = (rng.standard_normal((1, 64, 64, 256), dtype=np.float32) for _ in range(3))
+    sparse = rng.standard_normal((1, 2, 256), dtype=np.float32)
+    vit = rng.standard_normal((1, 64, 64, c_vit), dtype=np.float32)
+    image = rng.standard_normal((1, 1024, 1024, 3), dtype=np.float32)
+    points = rng.uniform(0, 1, (1, args.clicks, 2)).astype(np.float32)
+    flags = (np.arange(args.clicks) % 2 == 0).astype(np.int32)[None]
+    t = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+
+    with torch.inference_mode():
+        rgb_t = rgb_embed(t(image))
+    args_t = (t(emb), t(pe), torch.from_numpy(sparse), t(dense))
+
+    def torch_box():
+        with torch.inference_mode():
+            e, hyper_in, low = ref.base(*args_t, torch.from_numpy(vit))
+            return e, hyper_in, ref.head(e, rgb_t)
+
+    @jax.jit
+    def box(state, emb, pe, sparse, dense, vit):
+        d = nnx.merge(graphdef, state)
+        return d.base(emb, pe, sparse, dense, d.hq_features(emb, vit))
+
+    @jax.jit
+    def head(state, base, rgb):
+        return nnx.merge(graphdef, state).refine(base, rgb)
+
+    @jax.jit
+    def clicks(state, base, rgb, points, flags):
+        return nnx.merge(graphdef, state).refine(base, rgb, points, flags)
+
+    rgb_j = jax.jit(lambda s, x: nnx.merge(graphdef, s).rgb_embedding(x))(state, jnp.asarray(image))
+    inputs = [jnp.asarray(x) for x in (emb, pe, sparse, dense, vit)]
+
+    def ours_box():
+        base = box(state, *inputs)
+        return base, jax.block_until_ready(head(state, base, rgb_j))
+
+    t0 = time.perf_counter()
+    base, large = ours_box()  # compiles both
+    compile_s = time.perf_counter() - t0
+    e_t, hyper_t, large_t = torch_box()
+    torch_s = median_seconds(torch_box, args.repeats)
+    ours_s = median_seconds(ours_box, args.repeats)
+    print(json.dumps(_result("pi_box", args, compile_s, ours_s, torch_s, large, large_t.numpy())), flush=True)
+
+    p_t, f_t = torch.from_numpy(points), torch.from_numpy(flags)
+
+    def torch_clicks():
+        with torch.inference_mode():
+            fg, bg = p_t[:, f_t[0] == 1], p_t[:, f_t[0] == 0]
+            return ref.head(interact(ref.interact_2, e_t, hyper_t, fg, bg), rgb_t)
+
+    # Reference order: fg first, then bg; ours takes the flags as given, so give them in the same order.
+    order = np.argsort(-flags[0], kind="stable")
+    pj, fj = jnp.asarray(points[:, order]), jnp.asarray(flags[:, order])
+    ours_clicks = lambda: jax.block_until_ready(clicks(state, base, rgb_j, pj, fj))  # noqa: E731
+    t0 = time.perf_counter()
+    out = ours_clicks()
+    compile_s = time.perf_counter() - t0
+    ref_out = torch_clicks().numpy()
+    torch_s = median_seconds(torch_clicks, args.repeats)
+    ours_s = median_seconds(ours_clicks, args.repeats)
+    print(json.dumps(_result("pi_clicks", args, compile_s, ours_s, torch_s, out, ref_out)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

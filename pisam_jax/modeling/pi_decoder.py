@@ -1,0 +1,222 @@
+"""Pi-SAM's High-Resolution Mask Decoder (the reference's ``MaskDecoderAE``, PISAM_SPEC.md section 3).
+
+HQ-SAM's decoder (inherited: SAM's transformer with the extra HQ token, the HQ features) plus:
+
+  * ``embedding_act``: LN2d -> 3x3 conv -> GELU on the HQ mask features, giving the mask feature M;
+  * ``mask_aspp``, the Object Embedder: [M, 256^2 logits] -> 1x1/3x3 embedding X, two modulated deformable
+    branches (3x3 and 7x7), concatenated with X and fused by a 1x1 conv into E (B, 256, 256, 32);
+  * ``interact_2`` (stage 2 only): the Precise Interactor, E -> E' from clicks;
+  * the HR conv head: ``output_upscaling_2`` (two 2x2 transposed convs, 256 -> 1024) plus the RGB embedding,
+    then ``out_act`` (two 3x3 convs) -> 1024^2 logits;
+  * ``rgb_embed``: two convs on the normalised 1024 image (D2: a decoder submodule here, trained in stage 1 and
+    saved; converted reference checkpoints get the reference's seed-42 weights).
+
+The forward is split by cost, so that clicks re-run only what they change:
+
+    rgb_embedding(images)                                  once per image     (B, 1024, 1024, 8)
+    hq_features(image_embeddings, vit_features)            once per image     (B, 256, 256, 32)
+    base(image_embeddings, image_pe, sparse, dense, hq)    once per box       PiBase(E, hyper_in, low_res)
+    refine(base, rgb, points, flags, pad_mask)             once per click set (B, 1, 1024, 1024) logits
+
+NHWC inside; mask logits are channel-first (B, 1, h, w), SAM's output contract. The batch is the prompt axis
+(one box per row), as in the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pisam_jax.modeling.common import Conv2d, ConvTranspose2x2, LayerNorm2d, Sequential, gelu
+from pisam_jax.modeling.deformable_conv import DeformableConv2d
+from pisam_jax.modeling.hq_decoder import MaskDecoderHQ
+from pisam_jax.modeling.interactor import PointInteract
+
+RGB_EMBED_DIM = 8
+
+
+@dataclasses.dataclass
+class PiBase:
+    """What one box costs, cached so that clicks re-run only the interactor and the HR head.
+
+    embedding: E, the Object Embedder's output (B, 256, 256, 32); hyper_in: the HQ token after ``hf_mlp``
+    (B, 1, 32); low_res: the 256^2 HQ-token mask logits (B, 1, 256, 256).
+    """
+
+    embedding: jax.Array
+    hyper_in: jax.Array
+    low_res: jax.Array
+
+
+jax.tree_util.register_dataclass(PiBase, data_fields=["embedding", "hyper_in", "low_res"], meta_fields=[])
+
+
+class ASPPModule(nnx.Module):
+    """One Object Embedder branch: ``atrous_conv`` = DeformableConv2d (no bias) -> LN2d -> GELU."""
+
+    def __init__(self, dim: int, kernel_size: int, padding: int, *, rngs: nnx.Rngs):
+        self.atrous_conv = Sequential(
+            [
+                DeformableConv2d(dim, dim, kernel_size, stride=1, padding=padding, use_bias=False, rngs=rngs),
+                LayerNorm2d(dim, rngs=rngs),
+                gelu,
+            ]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.atrous_conv(x)
+
+
+class MaskASPPDeformable(nnx.Module):
+    """The Object Embedder (spec 3.1 step D): (B, H, W, dim + 1) [M, logits] -> E (B, H, W, dim)."""
+
+    def __init__(self, dim: int = 32, *, rngs: nnx.Rngs):
+        self.mask_embedding = Sequential(
+            [
+                Conv2d(dim + 1, dim, 1, rngs=rngs),
+                LayerNorm2d(dim, rngs=rngs),
+                gelu,
+                Conv2d(dim, dim, 3, padding=1, rngs=rngs),
+                LayerNorm2d(dim, rngs=rngs),
+                gelu,
+            ]
+        )
+        self.aspp1 = ASPPModule(dim, 3, 1, rngs=rngs)
+        self.aspp2 = ASPPModule(dim, 7, 3, rngs=rngs)
+        self.conv_out = Sequential(
+            [Conv2d(3 * dim, dim, 1, use_bias=False, rngs=rngs), LayerNorm2d(dim, rngs=rngs), gelu]
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.mask_embedding(x)  # X, the "skip" branch
+        return self.conv_out(jnp.concatenate([x, self.aspp1(x), self.aspp2(x)], axis=-1))
+
+
+class MaskDecoderPi(MaskDecoderHQ):
+    """Pi-SAM's decoder. ``vit_dim``: the ViT width; ``interactor``: whether ``interact_2`` exists (stage 2).
+
+    Parameters mirror the reference's state_dict (spec appendix) plus ``rgb_embed.{0,1}`` (D2).
+    """
+
+    def __init__(self, *, vit_dim: int, interactor: bool, rngs: nnx.Rngs, **sam_decoder_kwargs):
+        super().__init__(vit_dim=vit_dim, rngs=rngs, **sam_decoder_kwargs)
+        d = self.transformer_dim // 8  # 32
+        r = RGB_EMBED_DIM
+        self.embedding_act = Sequential([LayerNorm2d(d, rngs=rngs), Conv2d(d, d, 3, padding=1, rngs=rngs), gelu])
+        self.mask_aspp = MaskASPPDeformable(d, rngs=rngs)
+        self.output_upscaling_2 = Sequential(
+            [
+                ConvTranspose2x2(d, d // 2, rngs=rngs),
+                LayerNorm2d(d // 2, rngs=rngs),
+                gelu,
+                ConvTranspose2x2(d // 2, r, rngs=rngs),
+            ]
+        )
+        self.out_act = Sequential(
+            [
+                LayerNorm2d(r, rngs=rngs),
+                Conv2d(r, r, 3, padding=1, rngs=rngs),
+                LayerNorm2d(r, rngs=rngs),
+                gelu,
+                Conv2d(r, 1, 3, padding=1, rngs=rngs),
+            ]
+        )
+        self.rgb_embed = Sequential([Conv2d(3, r, 1, rngs=rngs), Conv2d(r, r, 3, padding=1, rngs=rngs)])
+        self.interact_2 = PointInteract(d, rngs=rngs) if interactor else None
+
+    @property
+    def has_interactor(self) -> bool:
+        return self.interact_2 is not None
+
+    # -- per image -------------------------------------------------------------------------
+
+    def rgb_embedding(self, images: jax.Array) -> jax.Array:
+        """The normalised input image (B, 1024, 1024, 3) -> (B, 1024, 1024, 8). One linear map."""
+        return self.rgb_embed(images)
+
+    # -- per box ---------------------------------------------------------------------------
+
+    def base(
+        self,
+        image_embeddings: jax.Array,
+        image_pe: jax.Array,
+        sparse_prompt_embeddings: jax.Array,
+        dense_prompt_embeddings: jax.Array,
+        hq_features: jax.Array,
+    ) -> PiBase:
+        """Steps B-D of spec 3.1: SAM's transformer with the HQ token, the mask feature M, the 256^2 logits,
+        and the Object Embedder's E.
+
+        image_embeddings (B or 1, 64, 64, 256), image_pe (1, 64, 64, 256), sparse (B, N, 256) (the box tokens),
+        dense (B, 64, 64, 256), hq_features (B or 1, 256, 256, 32) from :meth:`hq_features`.
+        """
+        tokens = self._tokens(sparse_prompt_embeddings)
+        hs, src = self._run_transformer(image_embeddings, image_pe, tokens, dense_prompt_embeddings)
+        mask_feature = self.embedding_act(self.hq_mask_features(self._upscale(src), hq_features))
+        hyper_in = self.hf_mlp(hs[:, 1 + self.num_mask_tokens])[:, None]  # the HQ token, (B, 1, 32)
+        low_res = self._hyper_masks(hyper_in, mask_feature)  # (B, 1, 256, 256)
+        # The logits enter the Object Embedder undetached (B14): stage 1's 1024^2 loss also trains the 256^2 path.
+        x = jnp.concatenate([mask_feature, low_res.transpose(0, 2, 3, 1)], axis=-1)
+        return PiBase(self.mask_aspp(x), hyper_in, low_res)
+
+    # -- per click set ---------------------------------------------------------------------
+
+    def head(self, embedding: jax.Array, rgb: jax.Array) -> jax.Array:
+        """Step F: E (B, 256, 256, 32) and the RGB embedding (B or 1, 1024, 1024, 8) -> logits (B, 1, 1024, 1024)."""
+        x = self.output_upscaling_2(embedding) + rgb
+        return self.out_act(x).transpose(0, 3, 1, 2)
+
+    def refine(
+        self,
+        base: PiBase,
+        rgb: jax.Array,
+        points: jax.Array | None = None,
+        flags: jax.Array | None = None,
+        pad_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """The interactor (when ``points`` is given) then the HR head: -> 1024^2 logits (B, 1, 1024, 1024).
+
+        points (B, P, 2): clicks as (x, y) normalised with pixel centres (D3); flags (B, P): 1 foreground,
+        0 background; pad_mask (B, P): True for padded slots (masked everywhere, D5) or None.
+        The interactor always starts from the box's E, never from a previous refinement (spec 6).
+        """
+        embedding = base.embedding
+        if points is not None and points.shape[1] > 0:
+            if self.interact_2 is None:
+                raise ValueError("clicks need a stage-2 Pi-SAM decoder (one with interact_2); this one has none")
+            if flags is None:
+                raise ValueError("points need flags (1 = foreground, 0 = background)")
+            embedding = self.interact_2(embedding, base.hyper_in, points, flags, pad_mask)
+        return self.head(embedding, rgb)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        image_embeddings: jax.Array,
+        image_pe: jax.Array,
+        sparse_prompt_embeddings: jax.Array,
+        dense_prompt_embeddings: jax.Array,
+        *,
+        rgb: jax.Array,
+        interm_embeddings: tuple[jax.Array, ...] | None = None,
+        hq_features: jax.Array | None = None,
+        points: jax.Array | None = None,
+        flags: jax.Array | None = None,
+        pad_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """The reference's forward: -> (pred_masks (B, 1, 256, 256), pred_masks_large (B, 1, 1024, 1024)) logits.
+
+        rgb: :meth:`rgb_embedding` of the image (B or 1, 1024, 1024, 8). Give ``interm_embeddings`` (the
+        encoder's global-block outputs; the first is used) or precomputed ``hq_features``. Clicks as
+        :meth:`refine`; without them the interactor does not run (the reference's ``interactive=False``).
+        """
+        if (interm_embeddings is None) == (hq_features is None):
+            raise ValueError("give exactly one of interm_embeddings and hq_features")
+        if hq_features is None:
+            hq_features = self.hq_features(image_embeddings, interm_embeddings[0])
+        base = self.base(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, hq_features)
+        return base.low_res, self.refine(base, rgb, points, flags, pad_mask)

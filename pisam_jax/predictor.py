@@ -7,6 +7,13 @@
 HQ-SAM models (``convert.hq_sam``) take the same calls plus ``hq_token_only``, as
 ``segment_anything_hq.SamPredictor``; they return one mask per prompt.
 
+Pi-SAM models (``convert.pisam``) take boxes; ``predict`` returns the 1024x1024 head's mask and
+``refine([(x, y, is_foreground), ...])`` corrects it with clicks, re-running only the interactor
+and the HR head on features cached per box:
+
+    masks, _, low_res = predictor.predict(box=np.array([x0, y0, x1, y1]))
+    masks = predictor.refine([(420, 310, True), (505, 122, False)])
+
 Coordinates are (x, y) pixels of the original image. Each call after ``set_image``
 runs only the prompt encoder and the decoder, jit-compiled once per prompt shape.
 """
@@ -22,6 +29,7 @@ from flax import nnx
 
 from pisam_jax import transforms
 from pisam_jax.modeling.hq_decoder import MaskDecoderHQ
+from pisam_jax.modeling.pi_decoder import PiBase
 from pisam_jax.models import ImageFeatures, Sam
 
 
@@ -39,12 +47,19 @@ class Predictor:
             partial(_decode, graphdef),
             static_argnames=("multimask_output", "hq_token_only", "input_size", "original_size"),
         )
+        self._pi_base = jax.jit(lambda state, features, boxes: nnx.merge(graphdef, state).pi_base(features, boxes))
+        self._pi_refine = jax.jit(partial(_pi_refine, graphdef), static_argnames=("input_size", "original_size"))
         self.reset_image()
+
+    @property
+    def is_pi(self) -> bool:
+        return self.model.config.decoder == "pi"
 
     def reset_image(self) -> None:
         self.features: ImageFeatures | None = None
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
+        self.pi_base: PiBase | None = None  # Pi-SAM: the features of the last predicted boxes
 
     @property
     def is_image_set(self) -> bool:
@@ -112,6 +127,10 @@ class Predictor:
             raise RuntimeError("an image must be set with set_image(...) before predicting")
         if points is None and boxes is None and mask_input is None:
             raise PromptError("give at least one prompt: points, a box or a mask")
+        if self.is_pi:
+            if points is not None or mask_input is not None or boxes is None:
+                raise PromptError("Pi-SAM is prompted with boxes; correct its mask with refine(clicks)")
+            return self._predict_pi(boxes, return_logits)
         # Prompts enter the model with a leading image axis of 1: (1, P, ...).
         if points is not None:
             coords, labels = self._check_points(*points)
@@ -133,6 +152,62 @@ class Predictor:
         )
         masks = np.asarray(masks[0])
         return (masks if return_logits else masks > 0.0), np.asarray(scores[0]), np.asarray(low_res[0])
+
+    def _predict_pi(self, boxes: np.ndarray, return_logits: bool):
+        boxes = transforms.apply_boxes(self._check_boxes(boxes), self.original_size, self.image_size)[None]
+        self.pi_base = self._pi_base(self._state, self.features, jnp.asarray(boxes))
+        masks = self._refine_to_original(None)
+        scores = np.full(masks.shape[:2], np.nan, np.float32)  # Pi-SAM has no mask-quality head
+        return (masks if return_logits else masks > 0.0), scores, np.asarray(self.pi_base.low_res)
+
+    def refine(self, clicks, return_logits: bool = False) -> np.ndarray:
+        """Corrects the masks of the last ``predict`` / ``predict_batch`` with clicks (Pi-SAM models).
+
+        clicks: ``[(x, y, is_foreground), ...]`` in original-image pixels for the last box, or one such
+        list per box after ``predict_batch`` (lists may differ in length: they are padded and masked).
+        The interactor always starts from the box's features: pass every click so far, not only the new one.
+        Returns masks (1, H, W) for one box, (P, 1, H, W) for P boxes; bool, or logits with ``return_logits``.
+        """
+        if not self.is_pi or not self.model.config.interactor:
+            raise PromptError("refine needs a Pi-SAM model with its interactor (a stage-2 checkpoint)")
+        if self.pi_base is None:
+            raise RuntimeError("refine corrects a prediction: call predict(box=...) first")
+        boxes = self.pi_base.low_res.shape[0]
+        per_box = [clicks] if boxes == 1 and (not clicks or not isinstance(clicks[0][0], (list, tuple))) else clicks
+        if len(per_box) != boxes:
+            raise PromptError(f"give one list of clicks per box: {boxes} boxes, {len(per_box)} lists")
+        masks = self._refine_to_original(self._click_arrays(per_box) if any(len(c) for c in per_box) else None)
+        masks = masks if return_logits else masks > 0.0
+        return masks[0] if boxes == 1 and per_box is not clicks else masks
+
+    def _click_arrays(self, per_box) -> tuple[np.ndarray, np.ndarray]:
+        """Clicks -> model frame, (x, y) normalised with pixel centres (D3), padded to a multiple of 10
+        with label -1 so that a new click rarely costs a compilation."""
+        h, w = self.original_size
+        longest = max(len(c) for c in per_box)
+        n = 10 * -(-longest // 10)
+        points = np.full((len(per_box), n, 2), 0.5, np.float32)
+        labels = np.full((len(per_box), n), -1, np.int32)
+        for i, box_clicks in enumerate(per_box):
+            for j, click in enumerate(box_clicks):
+                if len(click) != 3:
+                    raise PromptError(f"a click is (x, y, is_foreground), got {click!r}")
+                x, y, foreground = click
+                if not (0 <= x < w and 0 <= y < h):
+                    raise PromptError(f"click ({x:g}, {y:g}) lies outside the {w}x{h} image")
+                points[i, j] = (x + 0.5, y + 0.5)
+                labels[i, j] = int(bool(foreground))
+        scale = np.array(self.input_size[::-1], np.float32) / np.array([w, h], np.float32)
+        valid = labels >= 0
+        points[valid] = points[valid] * scale / self.image_size
+        return points, labels
+
+    def _refine_to_original(self, clicks) -> np.ndarray:
+        masks = self._pi_refine(
+            self._state, self.features, self.pi_base, clicks,
+            input_size=self.input_size, original_size=self.original_size,
+        )  # fmt: skip
+        return np.asarray(masks)
 
     @staticmethod
     def _check_points(coords, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -178,3 +253,11 @@ def _decode(
     )
     full = transforms.postprocess_masks(low_res, input_size, original_size, model.config.image_size)
     return full, scores, low_res
+
+
+def _pi_refine(graphdef, state, features, base, clicks, *, input_size, original_size):
+    """Pi-SAM's cheap step: interactor (with clicks) + HR head, then the 1024^2 logits to the original image."""
+    model = nnx.merge(graphdef, state)
+    large = model.pi_refine(features, base, clicks)  # (P, 1, S, S)
+    size = model.config.image_size
+    return transforms.postprocess_masks(large, input_size, original_size, size)

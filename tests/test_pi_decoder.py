@@ -365,3 +365,65 @@ def test_vit_b_end_to_end(tmp_path):
                                jnp.asarray([[FG + BG]]), jnp.asarray([[[1] * len(FG) + [0] * len(BG)]]))
     assert_close("vit_b pred_masks 256^2", ours_low[0], low_res.numpy(), rtol=1e-4)
     assert_close("vit_b pred_masks_large 1024^2 with clicks", ours_large[0], large.numpy(), rtol=1e-4)
+
+
+# -- the predictor: predict(box) from the 1024^2 head, refine(clicks) on cached features --------------------
+
+
+@pytest.fixture(scope="module")
+def pi_predictor(setup, torch_outputs):
+    from pisam_jax.predictor import Predictor
+
+    predictor = Predictor(load_model(setup["stage2"]))
+    image = np.clip(torch_outputs["x"][0] * np.array([58.395, 57.12, 57.375]) + np.array([123.675, 116.28, 103.53]),
+                    0, 255).round().astype(np.uint8)  # the reference's 1024^2 input back as pixels
+    predictor.set_image(image)
+    return predictor
+
+
+def test_predictor_box_matches_the_reference_head(pi_predictor, torch_outputs):
+    masks, scores, low_res = pi_predictor.predict(box=np.array(BOX), return_logits=True)
+    assert masks.shape == (1, 1024, 1024) and scores.shape == (1,)
+    assert_close("predictor 1024^2 logits, box", masks, torch_outputs["large"][0], rtol=1e-4)
+    assert_close("predictor 256^2 logits, box", low_res, torch_outputs["low_res"][0], rtol=1e-4)
+
+
+def test_predictor_refine_matches_the_reference_with_clicks(pi_predictor, torch_outputs, monkeypatch):
+    pi_predictor.predict(box=np.array(BOX))
+    # A click at pixel (x, y) is (x + 0.5, y + 0.5) / 1024 in the model (D3): invert the normalised test clicks.
+    clicks = [(u * 1024 - 0.5, v * 1024 - 0.5, True) for u, v in FG] + [(u * 1024 - 0.5, v * 1024 - 0.5, False) for u, v in BG]
+    monkeypatch.setattr(pi_predictor, "_encode", lambda *a: pytest.fail("a click re-ran the encoder"))
+    monkeypatch.setattr(pi_predictor, "_pi_base", lambda *a: pytest.fail("a click re-ran the SAM transformer"))
+    logits = pi_predictor.refine(clicks, return_logits=True)
+    assert_close("predictor refine 1024^2 logits", logits, torch_outputs["large_clicks"][0], rtol=1e-4)
+    assert pi_predictor.refine(clicks).dtype == bool
+
+
+def test_predictor_batched_boxes_with_different_click_counts(pi_predictor):
+    boxes = np.array([BOX, [40.0, 60.0, 500.0, 400.0]], np.float32)
+    per_box = [[(300.0, 420.0, True), (700.0, 200.0, False)], [(100.0, 100.0, True)]]
+    pi_predictor.predict_batch(boxes=boxes)
+    together = pi_predictor.refine(per_box, return_logits=True)
+    assert together.shape == (2, 1, 1024, 1024)
+    for i in range(2):
+        pi_predictor.predict(box=boxes[i])
+        alone = pi_predictor.refine(per_box[i], return_logits=True)
+        np.testing.assert_allclose(together[i], alone, rtol=1e-5, atol=1e-5 * np.abs(alone).max())
+
+
+def test_predictor_no_clicks_is_the_box_prediction(pi_predictor):
+    masks, _, _ = pi_predictor.predict(box=np.array(BOX), return_logits=True)
+    np.testing.assert_array_equal(pi_predictor.refine([], return_logits=True), masks)
+
+
+def test_predictor_prompt_errors(setup, pi_predictor):
+    from pisam_jax.predictor import Predictor, PromptError
+
+    with pytest.raises(PromptError, match="boxes"):
+        pi_predictor.predict(point_coords=np.array([[5, 5]]), point_labels=np.array([1]))
+    pi_predictor.predict(box=np.array(BOX))
+    with pytest.raises(PromptError, match="outside"):
+        pi_predictor.refine([(2000, 5, True)])
+    stage1 = Predictor(load_model(setup["stage1"]))
+    with pytest.raises(PromptError, match="interactor"):
+        stage1.refine([(5, 5, True)])

@@ -1,0 +1,208 @@
+"""Image-encoder benchmark: our jitted ViT vs ``segment_anything``'s ImageEncoderViT, same process, same weights.
+
+    python -m bench.encoder [--model-type vit_b] [--repeats 5] [--batch 1] [--img-size 1024] [--cases encoder]
+
+Prints one JSON line per case. Both sides compute the same function: random torch weights
+(with the zero-initialised tensors randomised too) converted by ``convert.keymap.load_torch_weights``;
+the first run checks that the outputs agree.
+
+Timing: median wall time of ``--repeats`` calls after one warm-up call (ours: the warm-up follows
+an explicit ``lower().compile()``, whose time is reported as ``compile_s``). Torch runs under
+``torch.inference_mode`` with ``torch.set_num_threads(os.cpu_count())``.
+
+Memory, two figures:
+  * ``peak_rss_mib``: for each side, the rise of the process's peak resident set over one forward
+    call: the peak is reset through ``/proc/self/clear_refs`` (Linux), then VmHWM after the call minus
+    VmRSS before it. Weights are resident before, so this counts activations and workspace.
+  * ``ours_xla_mib``: XLA's own ``compiled.memory_analysis()`` of our executable: temp + argument
+    + output - alias bytes (arguments = weights and image).
+
+To add a case (e.g. the decoder's per-prompt latency), write ``bench_<name>(args) -> dict`` and
+register it in ``CASES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MIB = 2**20
+
+
+# --------------------------------------------------------------------------------------
+# Measurement helpers
+# --------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_rise_mib(fn: Callable[[], object]) -> float | None:
+    """Peak resident-set rise (MiB) while running ``fn``; None where /proc/self/clear_refs is unavailable."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        fn()
+        return None
+    before = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return (peak - before) / 1024
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def xla_memory_mib(compiled) -> float | None:
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    total = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    return total / MIB
+
+
+def _device() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', '')}, {os.cpu_count()} cpu cores"
+
+
+# --------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------
+
+
+def bench_encoder(args) -> dict:
+    """Whole image encoder on one (B, img, img, 3) image batch, fp32."""
+    import torch
+    from flax import nnx
+    from segment_anything.modeling.image_encoder import ImageEncoderViT as TorchEncoder
+
+    from convert.keymap import load_torch_weights
+    from pisam_jax.modeling.image_encoder import ENCODER_CONFIGS, ImageEncoderViT
+
+    cfg = dict(img_size=args.img_size, window_size=14, **ENCODER_CONFIGS[args.model_type])
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    ref = TorchEncoder(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, **cfg).eval()
+    with torch.no_grad():  # the reference zero-initialises these; random values make the check meaningful
+        for name, p in ref.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                p.normal_(0.0, 0.1)
+
+    ours = nnx.eval_shape(lambda: ImageEncoderViT(**cfg, rngs=nnx.Rngs(0)))
+    load_torch_weights(ours, ref.state_dict())
+    graphdef, state = nnx.split(ours)
+    state = jax.device_put(state)
+
+    @jax.jit
+    def encode(state, image):
+        return nnx.merge(graphdef, state)(image)
+
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((args.batch, args.img_size, args.img_size, 3), dtype=np.float32)
+    image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
+    image_j = jax.device_put(image)
+
+    def run_torch():
+        with torch.inference_mode():
+            return ref(image_t)
+
+    def run_ours():
+        return jax.block_until_ready(encode(state, image_j))
+
+    # Torch first, while the process holds no XLA buffers.
+    torch_peak = peak_rss_rise_mib(run_torch)  # also the warm-up
+    torch_s = median_seconds(run_torch, args.repeats)
+    y_ref = run_torch().numpy().transpose(0, 2, 3, 1)
+
+    t0 = time.perf_counter()
+    compiled = encode.lower(state, image_j).compile()
+    compile_s = time.perf_counter() - t0
+    ours_peak = peak_rss_rise_mib(run_ours)  # also the warm-up
+    ours_s = median_seconds(run_ours, args.repeats)
+    y, _ = run_ours()
+
+    err = float(np.abs(np.asarray(y) - y_ref).max())
+    return {
+        "case": "encoder",
+        "model_type": args.model_type,
+        "img_size": args.img_size,
+        "batch": args.batch,
+        "dtype": "float32",
+        "device": _device(),
+        "repeats": args.repeats,
+        "compile_s": round(compile_s, 2),
+        "ours_s": round(ours_s, 4),
+        "torch_s": round(torch_s, 4),
+        "ratio_ours_over_torch": round(ours_s / torch_s, 3),
+        "ours_peak_rss_mib": None if ours_peak is None else round(ours_peak, 1),
+        "torch_peak_rss_mib": None if torch_peak is None else round(torch_peak, 1),
+        "ours_xla_mib": None if (m := xla_memory_mib(compiled)) is None else round(m, 1),
+        "max_abs_err": err,
+        "max_rel_err": err / float(np.abs(y_ref).max()),
+    }
+
+
+def _decoder_case(decoder: str) -> Callable[[argparse.Namespace], dict]:
+    """Per-prompt decoder latency (SAM or HQ-SAM) after set_image, from ``bench/decoder.py``."""
+
+    def run(args):
+        from bench.decoder import bench_decoder
+
+        return bench_decoder(args, decoder)
+
+    return run
+
+
+CASES: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "encoder": bench_encoder,
+    "decoder_sam": _decoder_case("sam"),
+    "decoder_hq": _decoder_case("hq"),
+}
+
+
+def main(argv=None) -> None:
+    # True fp32 matmuls on every backend (GPU would otherwise use TF32), as torch's default for matmul.
+    jax.config.update("jax_default_matmul_precision", "highest")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up (median reported)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--img-size", type=int, default=1024)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--prompts", type=int, default=1, help="decoder cases: boxes per call")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    for case in args.cases:
+        print(json.dumps(CASES[case](args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

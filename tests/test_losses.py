@@ -1,0 +1,309 @@
+"""Pi-SAM mask losses (PISAM_SPEC.md 5.1) against a PyTorch reference written here from the spec.
+
+The reference is Mask2Former's ``point_sample``, ``calculate_uncertainty``,
+``get_uncertain_point_coords_with_randomness``, ``sigmoid_ce_loss`` and ``dice_loss``, and HQ-SAM/Pi-SAM's
+``loss_masks`` with the ``valid_mask`` weighting. Its ``torch.rand`` draws are replaced by ours, so both sides
+score the same points.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pisam_jax.training import losses
+
+# --- the PyTorch reference -------------------------------------------------------------------
+
+
+def ref_point_sample(input, point_coords, **kwargs):
+    add_dim = False
+    if point_coords.dim() == 3:
+        add_dim = True
+        point_coords = point_coords.unsqueeze(2)
+    output = F.grid_sample(input, 2.0 * point_coords - 1.0, **kwargs)
+    if add_dim:
+        output = output.squeeze(3)
+    return output
+
+
+def ref_calculate_uncertainty(logits):
+    assert logits.shape[1] == 1
+    gt_class_logits = logits.clone()
+    return -(torch.abs(gt_class_logits))
+
+
+def ref_get_uncertain_point_coords_with_randomness(
+    coarse_logits, uncertainty_func, num_points, oversample_ratio, importance_sample_ratio, rand=torch.rand
+):
+    assert oversample_ratio >= 1
+    assert 0 <= importance_sample_ratio <= 1
+    num_boxes = coarse_logits.shape[0]
+    num_sampled = int(num_points * oversample_ratio)
+    point_coords = rand(num_boxes, num_sampled, 2)
+    point_logits = ref_point_sample(coarse_logits, point_coords, align_corners=False)
+    point_uncertainties = uncertainty_func(point_logits)
+    num_uncertain_points = int(importance_sample_ratio * num_points)
+    num_random_points = num_points - num_uncertain_points
+    idx = torch.topk(point_uncertainties[:, 0, :], k=num_uncertain_points, dim=1)[1]
+    shift = num_sampled * torch.arange(num_boxes, dtype=torch.long)
+    idx += shift[:, None]
+    point_coords = point_coords.view(-1, 2)[idx.view(-1), :].view(num_boxes, num_uncertain_points, 2)
+    if num_random_points > 0:
+        point_coords = torch.cat([point_coords, rand(num_boxes, num_random_points, 2)], dim=1)
+    return point_coords
+
+
+def ref_sigmoid_ce_loss(inputs, targets, num_masks, valid=None):
+    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none").mean(1)
+    if valid is None:
+        return loss.sum() / num_masks
+    total = valid.sum()
+    return (loss * valid).sum() / (total if total > 0 else 1.0)
+
+
+def ref_dice_loss(inputs, targets, num_masks, valid=None):
+    inputs = inputs.sigmoid().flatten(1)
+    numerator = 2 * (inputs * targets).sum(-1)
+    denominator = inputs.sum(-1) + targets.sum(-1)
+    loss = 1 - (numerator + 1) / (denominator + 1)
+    if valid is None:
+        return loss.sum() / num_masks
+    total = valid.sum()
+    return (loss * valid).sum() / (total if total > 0 else 1.0)
+
+
+def ref_loss_masks(
+    src_masks, target_masks, num_masks, num_points, rand, valid=None, oversample_ratio=3.0, point_coords=None
+):
+    """src_masks (B, 1, h, w) logits, target_masks (B, 1, H, W) in [0, 1]; ``point_coords`` skips the selection."""
+    with torch.no_grad():
+        if point_coords is None:
+            point_coords = ref_get_uncertain_point_coords_with_randomness(
+                src_masks, ref_calculate_uncertainty, num_points, oversample_ratio, 0.75, rand=rand
+            )
+        point_labels = ref_point_sample(target_masks, point_coords, align_corners=False).squeeze(1)
+    point_logits = ref_point_sample(src_masks, point_coords, align_corners=False).squeeze(1)
+    return (
+        ref_sigmoid_ce_loss(point_logits, point_labels, num_masks, valid),
+        ref_dice_loss(point_logits, point_labels, num_masks, valid),
+        point_coords,
+    )
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def injected(*arrays):
+    """A ``torch.rand`` stand-in returning our draws, in order."""
+    it = iter([torch.from_numpy(np.array(a)) for a in arrays])
+
+    def rand(*shape):
+        out = next(it)
+        assert tuple(out.shape) == tuple(shape), (out.shape, shape)
+        return out
+
+    return rand
+
+
+def soft_target(rng, b, size):
+    """A soft mask in [0, 1] with exact 0s and 1s, like GT/255 after bilinear resizes."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    t = np.stack([np.clip(4.0 * (0.3 + 0.1 * i - np.hypot(xx - 0.5, yy - 0.5)), 0, 1) for i in range(b)])
+    return (t * (rng.random((b, size, size)) > 0.02)).astype(np.float32)
+
+
+def assert_same_selection(ours, ref, logits, cand, nu, tol=1e-5):
+    """Same chosen set up to near-ties: fp32 rounding may swap candidates whose uncertainties differ by < tol."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    np.testing.assert_array_equal(ours[:, nu:], ref[:, nu:])  # the fresh points
+    unc = -np.abs(
+        ref_point_sample(torch.from_numpy(logits)[:, None], torch.from_numpy(np.array(cand)), align_corners=False)
+    )[:, 0].numpy()
+    cand = np.asarray(cand)
+    for i in range(ours.shape[0]):
+        key = lambda a: set(map(tuple, a.tolist()))  # noqa: E731
+        mine, theirs = key(ours[i, :nu]), key(ref[i, :nu])
+        assert len(mine) == nu
+        if mine == theirs:
+            continue
+        chosen = np.array([tuple(c) in mine for c in cand[i].tolist()])
+        assert len(mine ^ theirs) <= 4, f"{len(mine ^ theirs)} points differ"
+        assert unc[i][chosen].min() >= unc[i][~chosen].max() - tol
+
+
+def jax_loss_with_draws(logits, targets, draws, num_uncertain, weights=None):
+    cand, fresh = draws
+    coords = losses.select_uncertain_points(logits, cand, fresh, num_uncertain)
+    out = losses.mask_losses_at(logits, targets, coords, weights=weights)
+    return out["bce"] + out["dice"], (out, coords)
+
+
+def compare(ours, ref, rtol, name):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    scale = np.abs(ref).max()
+    err = np.abs(ours - ref).max()
+    print(f"{name}: max abs err {err:.2e}, relative to max |ref| {err / max(scale, 1e-30):.2e}")
+    assert err <= rtol * max(scale, 1e-30), f"{name}: max abs err {err:.3e}, max |ref| {scale:.3e}"
+    return err / max(scale, 1e-30)
+
+
+# --- tests -----------------------------------------------------------------------------------
+
+
+def test_point_sample_matches_grid_sample(h=7, w=11):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, h, w)).astype(np.float32)
+    coords = rng.random((2, 500, 2)).astype(np.float32)
+    coords[:, :8] = np.array([[0, 0], [1, 1], [0, 1], [1, 0], [0.5, 0], [0, 0.5], [1, 0.3], [1e-4, 1 - 1e-4]])
+    ours = losses.point_sample(jnp.asarray(x), jnp.asarray(coords))
+    ref = ref_point_sample(torch.from_numpy(x)[:, None], torch.from_numpy(coords), align_corners=False)[:, 0]
+    compare(ours, ref.numpy(), 1e-6, "point_sample")
+
+
+def test_selection_picks_most_uncertain_and_matches_reference():
+    rng = np.random.default_rng(1)
+    b, n = 2, 400
+    logits = rng.normal(scale=3.0, size=(b, 32, 32)).astype(np.float32)
+    cand, fresh, nu = losses.draw_points(jax.random.key(0), b, num_points=n)
+    ours = np.asarray(losses.select_uncertain_points(jnp.asarray(logits), cand, fresh, nu))
+    ref = ref_get_uncertain_point_coords_with_randomness(
+        torch.from_numpy(logits)[:, None], ref_calculate_uncertainty, n, 3.0, 0.75, rand=injected(cand, fresh)
+    )
+    assert nu == 300 and ours.shape == (b, n, 2) and cand.shape == (b, 1200, 2)
+    np.testing.assert_array_equal(ours, ref.numpy())
+    # the chosen candidates are the most uncertain ones: max |logit| chosen <= min |logit| not chosen
+    sampled = np.abs(np.asarray(losses.point_sample(jnp.asarray(logits), cand)))
+    for i in range(b):
+        chosen = np.isin(np.asarray(cand[i]).view(np.complex64)[:, 0], ours[i, :nu].view(np.complex64)[:, 0])
+        assert chosen.sum() == nu
+        assert sampled[i][chosen].max() <= sampled[i][~chosen].min()
+    np.testing.assert_array_equal(ours[:, nu:], np.asarray(fresh))
+
+
+def test_selection_is_not_differentiated():
+    logits = jax.random.normal(jax.random.key(1), (2, 16, 16))
+    g = jax.jit(jax.grad(lambda l: losses.uncertain_point_coords(jax.random.key(2), l, num_points=64).sum()))(logits)
+    assert not np.any(np.asarray(g))
+
+
+def test_mask_losses_value_and_grad_match_reference():
+    """Selection from the same draws, then BCE and Dice and their gradients at the same points."""
+    rng = np.random.default_rng(3)
+    b, n, h, size = 3, losses.NUM_POINTS, 64, 256
+    logits = rng.normal(scale=4.0, size=(b, h, h)).astype(np.float32)
+    targets = soft_target(rng, b, size)
+    cand, fresh, nu = losses.draw_points(jax.random.key(3), b, num_points=n)
+    assert (cand.shape, fresh.shape, nu) == ((b, 37632, 2), (b, 3136, 2), 9408)
+
+    src = torch.from_numpy(logits)[:, None].requires_grad_(True)
+    tt = torch.from_numpy(targets)[:, None]
+    _, _, ref_coords = ref_loss_masks(src, tt, b, n, injected(cand, fresh))
+    ours = jax.jit(losses.select_uncertain_points, static_argnums=3)(jnp.asarray(logits), cand, fresh, nu)
+    assert_same_selection(ours, ref_coords.numpy(), logits, cand, nu)
+
+    # values and gradients at the same points
+    bce, dice, _ = ref_loss_masks(src, tt, b, n, None, point_coords=torch.from_numpy(np.array(ours)))
+    (bce + dice).backward()
+
+    def total(lg):
+        out = losses.mask_losses_at(lg, jnp.asarray(targets), ours)
+        return out["bce"] + out["dice"], out
+
+    (_, terms), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(jnp.asarray(logits))
+    compare(terms["bce"], bce.item(), 1e-5, "bce")
+    compare(terms["dice"], dice.item(), 1e-5, "dice")
+    compare(grad, src.grad[:, 0].numpy(), 1e-5, "grad")
+
+
+@pytest.mark.parametrize("valid", [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+def test_weighted_losses_match_reference(valid):
+    rng = np.random.default_rng(7)
+    b, n = 3, 2000
+    logits = rng.normal(scale=2.0, size=(b, 128, 128)).astype(np.float32)
+    targets = soft_target(rng, b, 256)
+    w = np.asarray(valid, np.float32)
+    cand, fresh, nu = losses.draw_points(jax.random.key(4), b, num_points=n)
+
+    (loss, (terms, coords)), grad = jax.jit(
+        jax.value_and_grad(jax_loss_with_draws, has_aux=True), static_argnums=3
+    )(jnp.asarray(logits), jnp.asarray(targets), (cand, fresh), nu, jnp.asarray(w))
+    src = torch.from_numpy(logits)[:, None].requires_grad_(True)
+    bce, dice, _ = ref_loss_masks(
+        src, torch.from_numpy(targets)[:, None], b, n, None, valid=torch.from_numpy(w),
+        point_coords=torch.from_numpy(np.array(coords)),
+    )
+    (bce + dice).backward()
+    np.testing.assert_allclose(float(terms["bce"]), bce.item(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(terms["dice"]), dice.item(), rtol=1e-5, atol=1e-7)
+    ref_grad = src.grad[:, 0].numpy()
+    if w.sum() == 0:
+        assert float(loss) == 0.0 and not np.any(np.asarray(grad)) and not np.any(ref_grad)
+    else:
+        compare(grad, ref_grad, 1e-5, "grad")
+        assert not np.any(np.asarray(grad)[w == 0])
+    if w.all():  # all-ones weights == the unweighted reduction with num_masks = B
+        plain = losses.mask_losses_at(jnp.asarray(logits), jnp.asarray(targets), coords)
+        np.testing.assert_allclose(float(plain["bce"]), float(terms["bce"]), rtol=1e-6)
+
+
+def test_keyed_losses_use_draw_points():
+    """mask_losses(key) == mask_losses_at(points from draw_points(key)); stage totals are sums of their terms."""
+    rng = np.random.default_rng(5)
+    b, n = 2, 500
+    low = jnp.asarray(rng.normal(size=(b, 1, 32, 32)).astype(np.float32))
+    high = jnp.asarray(rng.normal(size=(b, 1, 128, 128)).astype(np.float32))
+    targets = jnp.asarray(soft_target(rng, b, 128)[:, None])
+    valid = jnp.asarray([1.0, 0.0])
+
+    @jax.jit
+    def run(key):
+        got = losses.mask_losses(key, low, targets, num_points=n)
+        cand, fresh, nu = losses.draw_points(key, b, num_points=n)
+        want = losses.mask_losses_at(low, targets, losses.select_uncertain_points(low[:, 0], cand, fresh, nu))
+        s1 = losses.stage1_loss(key, low, high, targets, num_points=n)
+        k_low, k_high = jax.random.split(key)
+        high_only = losses.mask_losses(k_high, high, targets, num_points=n)
+        s2 = losses.stage2_loss(key, high, targets, valid, num_points=n)
+        weighted = losses.mask_losses(key, high, targets, weights=valid, num_points=n)
+        return got, want, s1, high_only, s2, weighted
+
+    got, want, (total, terms), high_only, (total2, terms2), weighted = run(jax.random.key(9))
+    for k in ("bce", "dice"):
+        np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-6)
+    assert set(terms) == {"bce_256", "dice_256", "bce_1024", "dice_1024"}
+    np.testing.assert_allclose(float(total), float(sum(terms.values())), rtol=1e-6)
+    np.testing.assert_allclose(float(terms["dice_1024"]), float(high_only["dice"]), rtol=1e-6)
+    assert set(terms2) == {"bce_1024", "dice_1024"}
+    np.testing.assert_allclose(float(total2), float(weighted["bce"] + weighted["dice"]), rtol=1e-6)
+
+
+def test_stage1_total_matches_reference_at_full_resolution():
+    """256^2 and 1024^2 predictions against the 1024^2 soft target, each with its own points."""
+    rng = np.random.default_rng(11)
+    b, n = 2, losses.NUM_POINTS
+    low = rng.normal(scale=3.0, size=(b, 256, 256)).astype(np.float32)
+    high = rng.normal(scale=3.0, size=(b, 1024, 1024)).astype(np.float32)
+    targets = soft_target(rng, b, 1024)
+    key = jax.random.key(12)
+
+    @jax.jit
+    def run(lo, hi, t):
+        total, grads = jax.value_and_grad(lambda a, c: losses.stage1_loss(key, a, c, t)[0], argnums=(0, 1))(lo, hi)
+        k_low, k_high = jax.random.split(key)
+        pts = [losses.uncertain_point_coords(k, p) for k, p in ((k_low, lo), (k_high, hi))]
+        return total, grads, pts
+
+    total, grads, (p_low, p_high) = run(jnp.asarray(low), jnp.asarray(high), jnp.asarray(targets))
+    t_low = torch.from_numpy(low)[:, None].requires_grad_(True)
+    t_high = torch.from_numpy(high)[:, None].requires_grad_(True)
+    tt = torch.from_numpy(targets)[:, None]
+    b1, d1, _ = ref_loss_masks(t_low, tt, b, n, None, point_coords=torch.from_numpy(np.array(p_low)))
+    b2, d2, _ = ref_loss_masks(t_high, tt, b, n, None, point_coords=torch.from_numpy(np.array(p_high)))
+    ref_total = b1 + d1 + b2 + d2
+    ref_total.backward()
+    compare(total, ref_total.item(), 1e-5, "stage-1 total")
+    compare(grads[0], t_low.grad[:, 0].numpy(), 1e-5, "grad 256")
+    compare(grads[1], t_high.grad[:, 0].numpy(), 1e-5, "grad 1024")

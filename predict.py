@@ -3,7 +3,12 @@
     python predict.py --model checkpoints/sam_vit_b --image photo.jpg --box 100 80 620 540 \
         --point 300 200 1 --point 500 90 0 --out mask.png --overlay overlay.png
 
-Points are X Y LABEL in image pixels, LABEL 1 = foreground, 0 = background.
+Points are X Y LABEL in image pixels, LABEL 1 = foreground, 0 = background (SAM, HQ-SAM).
+Pi-SAM models take the box and correct its mask with clicks, X Y fg|bg in image pixels:
+
+    python predict.py --model checkpoints/pisam_vit_h --image photo.jpg --box 100 80 620 540 \
+        --click 300 200 fg --click 500 90 bg --out mask.png --overlay overlay.png
+
 User errors (missing files, bad boxes) print one line and exit with status 2; no
 output file is written unless the whole prediction succeeded.
 """
@@ -28,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image", required=True, help="input image (8/16-bit, gray, RGB or RGBA)")
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), required=True)
     p.add_argument("--point", type=float, nargs=3, action="append", default=[], metavar=("X", "Y", "LABEL"))
+    p.add_argument("--click", nargs=3, action="append", default=[], metavar=("X", "Y", "fg|bg"),
+                   help="Pi-SAM models: a correcting click (repeatable)")
     p.add_argument("--out", required=True, help="output mask (0/255 PNG)")
     p.add_argument("--overlay", help="optional picture of the mask, box and points over the image")
     p.add_argument("--multimask", action="store_true", help="predict 3 masks and keep the best-scored one")
@@ -73,27 +80,47 @@ def run(args: argparse.Namespace) -> None:
         check_output(args.overlay, "--overlay")
     if any(label not in (0, 1) for _, _, label in args.point):
         raise UsageError("--point X Y LABEL: LABEL must be 1 (foreground) or 0 (background)")
+    clicks = [parse_click(c) for c in args.click]
+    model = load_model(args.model)
+    is_pi = model.config.decoder == "pi"
+    if clicks and not is_pi:
+        raise UsageError(f"--click needs a Pi-SAM model; {args.model} is {model.config.decoder!r} (use --point)")
+    if args.point and is_pi:
+        raise UsageError("a Pi-SAM model is prompted with --box and corrected with --click, not --point")
     image = read_image(args.image)
     box = np.array(args.box, np.float32)
-    points = np.array([p[:2] for p in args.point], np.float32).reshape(-1, 2)
-    labels = np.array([p[2] for p in args.point], np.int32)
+    points = np.array([p[:2] for p in args.point] + [c[:2] for c in clicks], np.float32).reshape(-1, 2)
+    labels = np.array([p[2] for p in args.point] + [int(c[2]) for c in clicks], np.int32)
 
-    predictor = Predictor(load_model(args.model))
+    predictor = Predictor(model)
     predictor.set_image(image)
     masks, scores, _ = predictor.predict(
-        point_coords=points if len(points) else None,
-        point_labels=labels if len(points) else None,
+        point_coords=points if len(points) and not is_pi else None,
+        point_labels=labels if len(points) and not is_pi else None,
         box=box,
         multimask_output=args.multimask,
         hq_token_only=args.hq_token_only,
     )
-    mask = masks[int(np.argmax(scores))]
+    mask = masks[int(np.argmax(scores))] if not is_pi else masks[0]
+    if clicks:
+        mask = predictor.refine(clicks)[0]
     outputs = {args.out: Image.fromarray((mask * 255).astype(np.uint8))}
     if args.overlay:
         outputs[args.overlay] = draw_overlay(image, mask, box=box, points=points, labels=labels)
     for path, picture in outputs.items():
         write_atomically(picture, path)
-    print(f"wrote {args.out}" + (f" and {args.overlay}" if args.overlay else "") + f" (score {scores.max():.3f})")
+    score = "" if is_pi else f" (score {scores.max():.3f})"
+    print(f"wrote {args.out}" + (f" and {args.overlay}" if args.overlay else "") + score)
+
+
+def parse_click(click: list[str]) -> tuple[float, float, bool]:
+    x, y, kind = click
+    if kind not in ("fg", "bg"):
+        raise UsageError(f"--click X Y KIND: KIND must be fg or bg, got {kind!r}")
+    try:
+        return float(x), float(y), kind == "fg"
+    except ValueError:
+        raise UsageError(f"--click X Y KIND: X and Y must be numbers, got {x!r} {y!r}") from None
 
 
 def main(argv=None) -> int:

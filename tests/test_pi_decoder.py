@@ -427,3 +427,25 @@ def test_predictor_prompt_errors(setup, pi_predictor):
     stage1 = Predictor(load_model(setup["stage1"]))
     with pytest.raises(PromptError, match="interactor"):
         stage1.refine([(5, 5, True)])
+
+
+def test_predict_cli_with_clicks(setup, tiny_sam, tmp_path, capsys):
+    """predict.py --click on a Pi-SAM model writes the corrected mask and draws the clicks; SAM refuses --click."""
+    from PIL import Image
+
+    import predict
+
+    image = np.random.default_rng(5).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "im.png")
+    args = ["--image", str(tmp_path / "im.png"), "--box", "40", "30", "360", "270"]
+    out, overlay = tmp_path / "mask.png", tmp_path / "overlay.png"
+    code = predict.main(["--model", str(setup["stage2"]), *args, "--click", "100", "150", "fg",
+                         "--click", "300", "60", "bg", "--out", str(out), "--overlay", str(overlay)])
+    assert code == 0, capsys.readouterr().err
+    assert np.asarray(Image.open(out)).shape == (300, 400)
+    picture = np.asarray(Image.open(overlay))
+    assert tuple(picture[150, 100]) == (0, 200, 0) and tuple(picture[60, 300]) == (220, 30, 30)
+    code = predict.main(["--model", str(tiny_sam[2]), *args, "--click", "10", "10", "fg", "--out", str(out)])
+    assert code == 2 and "--click needs a Pi-SAM model" in capsys.readouterr().err
+    code = predict.main(["--model", str(setup["stage2"]), *args, "--click", "10", "10", "maybe", "--out", str(out)])
+    assert code == 2 and "fg or bg" in capsys.readouterr().err

@@ -1,8 +1,13 @@
-"""Pi-SAM decoder latency: ours (jitted) vs the PyTorch reference (``tests/pisam_reference.py``), same weights.
+"""Pi-SAM's speed: encoder, SAM / HQ-SAM / Pi-SAM decoders and a click, ours vs the PyTorch references.
 
-    python -m bench.pi_decoder [--model-type vit_b] [--repeats 5] [--clicks 5]
+    python -m bench.pisam [--model-type vit_b] [--repeats 5] [--clicks 5] [--cases encoder decoder_sam ...]
 
-Prints one JSON line per case:
+Prints one JSON line per case (``encoder``, ``decoder_sam`` and ``decoder_hq`` from ``bench.encoder`` and
+``bench.decoder``), then a ``summary`` line with the issue's goals:
+  * ``pisam_over_sam``: (encoder + Pi-SAM decoder) / (encoder + SAM decoder), goal <= 1.10;
+  * ``click_over_box``: a click set / a full Pi-SAM decode, goal <= 0.25;
+  * ``pi_decoder_over_torch``: our Pi-SAM decoder / the reference's, goal <= 0.5.
+The Pi-SAM cases, ours vs the reference written in ``tests/pisam_reference.py``, same weights:
   * ``pi_box``:    what a new box costs: HQ features, SAM's transformer with the HQ token, the 256^2 logits, the
                    Object Embedder (two deformable convs at 256^2) and the HR head to the 1024^2 logits;
   * ``pi_clicks``: what a new click set costs given the box's cached E: the Precise Interactor + HR head.
@@ -54,14 +59,8 @@ def _result(case, args, compile_s, ours_s, torch_s, ours, reference) -> dict:
     }
 
 
-def main(argv=None) -> None:
-    jax.config.update("jax_default_matmul_precision", "highest")
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--clicks", type=int, default=5)
-    args = parser.parse_args(argv)
-
+def bench_pi(args) -> list[dict]:
+    """The ``pi_box`` and ``pi_clicks`` cases."""
     import torch
 
     from tests.pisam_reference import interact
@@ -115,7 +114,7 @@ def main(argv=None) -> None:
     e_t, hyper_t, large_t = torch_box()
     torch_s = median_seconds(torch_box, args.repeats)
     ours_s = median_seconds(ours_box, args.repeats)
-    print(json.dumps(_result("pi_box", args, compile_s, ours_s, torch_s, large, large_t.numpy())), flush=True)
+    results = [_result("pi_box", args, compile_s, ours_s, torch_s, large, large_t.numpy())]
 
     p_t, f_t = torch.from_numpy(points), torch.from_numpy(flags)
 
@@ -134,7 +133,41 @@ def main(argv=None) -> None:
     ref_out = torch_clicks().numpy()
     torch_s = median_seconds(torch_clicks, args.repeats)
     ours_s = median_seconds(ours_clicks, args.repeats)
-    print(json.dumps(_result("pi_clicks", args, compile_s, ours_s, torch_s, out, ref_out)), flush=True)
+    return results + [_result("pi_clicks", args, compile_s, ours_s, torch_s, out, ref_out)]
+
+
+def summary(results: dict[str, dict]) -> dict:
+    """The issue's three goals from whichever cases ran."""
+    out = {"case": "summary"}
+    if {"encoder", "decoder_sam", "pi_box"} <= results.keys():
+        encoder = results["encoder"]["ours_s"]
+        out["pisam_over_sam"] = round(
+            (encoder + results["pi_box"]["ours_s"]) / (encoder + results["decoder_sam"]["ours_ms"] / 1e3), 3
+        )
+    if {"pi_box", "pi_clicks"} <= results.keys():
+        out["click_over_box"] = round(results["pi_clicks"]["ours_s"] / results["pi_box"]["ours_s"], 3)
+    if "pi_box" in results:
+        out["pi_decoder_over_torch"] = results["pi_box"]["ratio_ours_over_torch"]
+    return out
+
+
+def main(argv=None) -> None:
+    from bench.encoder import CASES
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clicks", type=int, default=5)
+    parser.add_argument("--cases", nargs="+", default=[*CASES, "pi"], choices=[*CASES, "pi"])
+    args = parser.parse_args(argv)
+    args.batch, args.img_size, args.prompts = 1, 1024, 1  # what the shared encoder/decoder cases read
+    results = {}
+    for case in args.cases:
+        for result in bench_pi(args) if case == "pi" else [CASES[case](args)]:
+            results[result["case"]] = result
+            print(json.dumps(result), flush=True)
+    print(json.dumps(summary(results)), flush=True)
 
 
 if __name__ == "__main__":

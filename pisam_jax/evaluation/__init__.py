@@ -1,4 +1,6 @@
-"""Evaluation: metrics (pysodmetrics + boundary metrics), the click protocol's model-free parts, reports.
+"""Evaluation: metrics (pysodmetrics + boundary metrics), the click protocol's model-free parts, reports,
+and (imported on their own, they load JAX models) ``segmenter`` (a model under the test-time geometry),
+``loop`` (resumable box evaluation of datasets) and ``interactive`` (the click protocol), used by ``eval.py``.
 
     from pisam_jax.evaluation import MetricSuite, DIS_METRICS
     suite = MetricSuite(DIS_METRICS)

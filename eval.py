@@ -1,0 +1,148 @@
+"""Evaluate models on the paper's benchmarks with GT box prompts, and optionally the click protocol.
+
+    python eval.py --model checkpoints/sam_vit_h,checkpoints/hq_sam_vit_h,checkpoints/pisam_vit_h \
+        --data_root data --datasets DIS5K-VD,DIS5K-TE1,DIS5K-TE2,DIS5K-TE3,DIS5K-TE4 --out results/dis \
+        [--geometry stretch] [--clicks 1,2,5 --click_modes ALL,FG,BG --subset 200]
+
+Writes under --out: the predictions ``<model>/<dataset>/<name>.png`` (0/255, original
+resolution; an interrupted run resumes, skipping images already predicted), per-dataset
+scores ``<model>/<dataset>.json``, the tables (``dis.md|csv|json`` for DIS5K, ``sod.*`` for
+HRSOD/UHRSD, ``big.*`` for BIG, ``all.*`` every dataset and metric), worst-case galleries
+``galleries/<model>_<dataset>.png``, and with --clicks the click protocol's
+``clicks_table.*`` (Table 2), ``click_modes_table.*`` (Table 7), ``clicks.png`` and
+``clicks/subset.json``. Prints the Markdown tables. User errors (missing model or dataset
+folder, unknown dataset, corrupt image, bad flag) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("model", None, "model directories (comma-separated); each is named by its base name")
+flags.DEFINE_string("data_root", None, "data root holding the datasets in their folder layouts")
+flags.DEFINE_list("datasets", ["dis-test"], "dataset names or groups (DIS5K-VD, DIS5K-TE1, ..., dis-test, paper-test)")
+flags.DEFINE_string("out", None, "output directory")
+flags.DEFINE_enum("geometry", "stretch", ["stretch", "longest_side"],
+                  "stretch: 1024x1024 as the paper's evaluation; longest_side: SAM's resize + pad")
+flags.DEFINE_bool("hq_token_only", False, "HQ-SAM models: score the HQ token's mask alone (HQ-SAM train.py "
+                  "evaluation) instead of the HQ-corrected SAM mask (segment_anything_hq predictor default)")
+flags.DEFINE_list("metrics", [], "metrics (default: the paper's for each dataset, plus IoU)")
+flags.DEFINE_list("clicks", [], "click counts for the click protocol, e.g. 1,2,5 (empty: no click protocol)")
+flags.DEFINE_list("click_modes", ["ALL"], "click types: ALL (Table 2), FG, BG (Table 7)")
+flags.DEFINE_integer("modes_clicks", None, "clicks for the FG/BG/ALL comparison (default: the largest --clicks)")
+flags.DEFINE_integer("subset", 200, "click protocol: number of worst images with overlapping errors")
+flags.DEFINE_string("rank_by", "mean", "click subset ranking: mean | min of the models' IoU, or a model name")
+flags.DEFINE_integer("seed", 0, "seed of the simulated clicks")
+flags.DEFINE_integer("gallery", 8, "worst cases per model and dataset in the overlay gallery (0: none)")
+flags.DEFINE_bool("skip_bad", False, "leave corrupt or unpaired samples out (counted) instead of stopping")
+flags.DEFINE_bool("progress", True, "show progress bars")
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _ints(values, flag):
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise UsageError(f"--{flag} takes comma-separated integers, got {','.join(values)}") from None
+
+
+def run() -> None:
+    from pisam_jax.data.datasets import open_dataset, resolve_names
+    from pisam_jax.evaluation import interactive, loop, reports
+    from pisam_jax.evaluation.segmenter import BoxSegmenter, model_name
+
+    for flag in ("model", "data_root", "out"):
+        if not getattr(FLAGS, flag):
+            raise UsageError(f"--{flag} is required")
+    names = [model_name(m) for m in FLAGS.model]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--model: two model directories share a base name ({', '.join(names)}); rename one")
+    if not Path(FLAGS.data_root).is_dir():
+        raise UsageError(f"--data_root {FLAGS.data_root}: folder not found")
+    clicks = _ints(FLAGS.clicks, "clicks")
+    if any(k < 1 for k in clicks):
+        raise UsageError(f"--clicks must be positive, got {clicks}")
+    modes = [m.upper() for m in FLAGS.click_modes]
+    if unknown := [m for m in modes if m not in interactive.MODES]:
+        raise UsageError(f"--click_modes: unknown {unknown}; use ALL, FG, BG")
+
+    datasets = [open_dataset(n, FLAGS.data_root, skip_bad=FLAGS.skip_bad) for n in resolve_names(FLAGS.datasets)]
+    segs = [BoxSegmenter.load(m, geometry=FLAGS.geometry, hq_token_only=FLAGS.hq_token_only) for m in FLAGS.model]
+    out = Path(FLAGS.out)
+
+    results: dict = {}
+    galleries = []
+    for seg in segs:
+        for ds in datasets:
+            r = loop.evaluate_dataset(seg, ds, out, metrics=FLAGS.metrics or None, skip_bad=FLAGS.skip_bad,
+                                      show_progress=FLAGS.progress)
+            results.setdefault(seg.name, {})[ds.name] = r.results
+            if r.skipped:
+                print(f"{seg.name} {ds.name}: skipped {len(r.skipped)} bad image(s), first: {r.skipped[0][1]}")
+            if FLAGS.gallery > 0:
+                path = out / "galleries" / f"{seg.name}_{ds.name}.png"
+                galleries.append(reports.worst_cases_gallery(loop.worst_cases(r, ds, FLAGS.gallery), path))
+
+    tables = []
+    dis = [d.name for d in datasets if d.name.startswith("DIS5K")]
+    sod = [d.name for d in datasets if d.name.startswith(("HRSOD", "UHRSD"))]
+    big = [d.name for d in datasets if d.name.startswith("BIG")]
+    if dis:
+        dis_res = reports.add_dis_te_mean(results)
+        dis_sets = [d for d in reports.DIS_DATASETS if any(d in v for v in dis_res.values())]
+        tables.append(("dis", reports.dis_table(dis_res, datasets=dis_sets), dis_res))
+    if sod:
+        tables.append(("sod", reports.sod_table(results, datasets=sod), results))
+    if big:
+        tables.append(("big", reports.big_table(results, datasets=big), results))
+    all_metrics = list(dict.fromkeys(k for per in results.values() for v in per.values() for k in v
+                                     if not k.startswith("num_")))
+    all_table = reports.dis_table(results, datasets=[d.name for d in datasets], metrics=all_metrics)
+    all_table.title = "All datasets and metrics"
+    tables.append(("all", all_table, results))
+
+    if clicks:
+        cr = interactive.evaluate_clicks(segs, datasets, out, clicks=clicks, modes=modes,
+                                         modes_clicks=FLAGS.modes_clicks, n_subset=FLAGS.subset,
+                                         rank_by=FLAGS.rank_by, seed=FLAGS.seed, show_progress=FLAGS.progress)
+        tables.append(("clicks_table", reports.clicks_table(cr.table2), cr.table2))
+        if len(modes) > 1:
+            tables.append(("click_modes_table", reports.click_modes_table(cr.table7, modes=("Ori", *[
+                m for m in reports.CLICK_MODES if m in modes])), cr.table7))
+        reports.plot_clicks(cr.table2, out / "clicks.png")
+        print(f"click protocol on {len(cr.subset)} images ({out / 'clicks' / 'subset.json'}); plot: {out / 'clicks.png'}")
+
+    for stem, table, res in tables:
+        reports.write_table(table, res, out, stem)
+        print(reports.to_markdown(table))
+    if galleries:
+        print(f"worst-case overlays: {out / 'galleries'} ({len(galleries)} files)")
+    print(f"predictions and reports under {out}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    from pisam_jax.data.datasets import DatasetError
+    from pisam_jax.data.images import ImageReadError
+    from pisam_jax.evaluation.loop import EvalError
+    from pisam_jax.models import ModelError
+    from pisam_jax.predictor import PromptError
+
+    try:
+        run()
+    except (UsageError, DatasetError, ImageReadError, ModelError, EvalError, PromptError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

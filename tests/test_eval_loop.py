@@ -1,0 +1,325 @@
+"""Evaluation end to end on generated data: box evaluation, resume, geometries, click protocol, eval.py.
+
+Tiny random-weight SAM and HQ-SAM models (256-px input) on six 384-px synthetic DIS5K images.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pisam_jax import transforms
+from pisam_jax.data import images
+from pisam_jax.data.datasets import Dataset, open_dataset
+from pisam_jax.data.pipeline import tight_box
+from pisam_jax.data.synthetic import generate
+from pisam_jax.evaluation import loop
+from pisam_jax.evaluation.metrics import iou
+from pisam_jax.evaluation.segmenter import BoxSegmenter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate(str(root / "DIS5K" / "DIS-VD"), n=6, size=384, seed=0, progress=False)
+    generate(str(root / "DIS5K" / "DIS-TE1"), n=2, size=384, seed=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_hq(tmp_path_factory):
+    from convert.hq_sam import convert_hq_sam
+    from tests.hq_reference import TINY, build_torch_hq_sam, save_official
+
+    root = tmp_path_factory.mktemp("tiny_hq_eval")
+    save_official(build_torch_hq_sam(**TINY, seed=1), root / "sam_hq_tiny.pth")
+    return convert_hq_sam(root / "sam_hq_tiny.pth", root / "hq_tiny")
+
+
+@pytest.fixture(scope="module")
+def sam_seg(tiny_sam):
+    return BoxSegmenter.load(tiny_sam[2], name="sam", geometry="stretch")
+
+
+@pytest.fixture(scope="module")
+def hq_seg(tiny_hq):
+    return BoxSegmenter.load(tiny_hq, name="hq", geometry="stretch")
+
+
+def test_box_eval_writes_scores_and_resumes(sam_seg, data_root, tmp_path):
+    ds = open_dataset("DIS5K-VD", str(data_root))
+    first = loop.evaluate_dataset(sam_seg, ds, tmp_path, show_progress=False)
+    assert sorted(first.computed) == sorted(s.name for s in ds.samples) and not first.reused
+    for s in ds.samples:  # 0/255 PNGs at the original resolution
+        pred = images.read_mask(tmp_path / "sam" / "DIS5K-VD" / f"{s.name}.png")
+        assert pred.shape == (s.height, s.width)
+        assert set(np.unique(pred)) <= {0, 255}
+    assert first.results["num_images"] == 6
+    for k in ("max_f", "weighted_f", "mae", "s_measure", "mean_e", "hce", "iou", "boundary_iou"):
+        assert np.isfinite(first.results[k]), k
+    saved = json.loads((tmp_path / "sam" / "DIS5K-VD.json").read_text())
+    assert saved["results"]["iou"] == pytest.approx(first.results["iou"])
+    assert saved["settings"]["geometry"] == "stretch"
+    assert not list((tmp_path / "sam" / "DIS5K-VD").glob(".*"))  # no temporary files left
+
+    # Resume: delete two predictions; only they are recomputed, the others are not rewritten.
+    deleted = [ds.samples[1].name, ds.samples[4].name]
+    for n in deleted:
+        os.remove(tmp_path / "sam" / "DIS5K-VD" / f"{n}.png")
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sam" / "DIS5K-VD").glob("*.png")}
+    second = loop.evaluate_dataset(sam_seg, ds, tmp_path, show_progress=False)
+    assert sorted(second.computed) == sorted(deleted) and len(second.reused) == 4
+    assert {p: (tmp_path / "sam" / "DIS5K-VD" / p).stat().st_mtime_ns for p in mtimes} == mtimes
+    assert second.results == first.results
+    assert second.per_image == first.per_image
+
+    # Other settings in the same output folder: a clear error, not mixed predictions.
+    other = BoxSegmenter(sam_seg.model, name="sam", geometry="longest_side")
+    with pytest.raises(loop.EvalError, match="geometry: stretch there, longest_side now"):
+        loop.evaluate_dataset(other, ds, tmp_path, show_progress=False)
+
+
+def _one_image(data_root):
+    ds = open_dataset("DIS5K-VD", str(data_root))
+    s = next(s for s in ds.samples if s.height != s.width) if any(
+        s.height != s.width for s in ds.samples) else ds.samples[0]
+    return Dataset(ds.name, [s]), s
+
+
+@pytest.mark.parametrize("geometry", ["stretch", "longest_side"])
+def test_geometry_matches_direct_predictor(sam_seg, data_root, tmp_path, geometry):
+    """The loop's prediction equals the Predictor driven by hand in each geometry (a known case)."""
+    ds, s = _one_image(data_root)
+    model = sam_seg.model
+    seg = BoxSegmenter(model, name="m", geometry=geometry, predictor=sam_seg.predictor)
+    loop.evaluate_dataset(seg, ds, tmp_path, show_progress=False)
+    saved = images.read_mask(tmp_path / "m" / "DIS5K-VD" / f"{s.name}.png") > 128
+
+    image, gt = images.read_image(s.image_path), images.read_mask(s.mask_path)
+    p, size = seg.predictor, model.config.image_size
+    if geometry == "stretch":  # 1024x1024 (here 256x256) in, bilinear back to H x W, > 0
+        p.set_image(transforms.resize_stretch(image, size))
+        box, _ = tight_box(transforms.resize_stretch(gt, size))
+        logits, _, _ = p.predict(box=box, multimask_output=False, return_logits=True)
+        expected = transforms.resize_bilinear(logits[0].astype(np.float32), gt.shape) > 0
+    else:  # SAM's own frame: the box of the resized GT, mapped back to the original pixels
+        p.set_image(image)
+        resized = transforms.resize_longest_side(gt, size)
+        box, _ = tight_box(resized)
+        box = box * np.array([gt.shape[1] / resized.shape[1], gt.shape[0] / resized.shape[0]] * 2)
+        masks, _, _ = p.predict(box=box, multimask_output=False)
+        expected = masks[0]
+    assert saved.shape == gt.shape
+    np.testing.assert_array_equal(saved, expected)
+
+
+def test_gt_as_prediction_scores_perfectly(data_root):
+    ds = open_dataset("DIS5K-VD", str(data_root))
+    gt_dir = data_root / "DIS5K" / "DIS-VD" / "gt"
+    res = loop.score_folder(gt_dir, ds).results()
+    assert res["iou"] == 1.0 and res["boundary_iou"] == 1.0 and res["mae"] == 0.0
+    assert res["max_f"] == pytest.approx(1.0, abs=1e-3) and res["s_measure"] == pytest.approx(1.0)
+    assert res["hce"] == 0.0
+    with pytest.raises(loop.EvalError, match="not found"):
+        loop.score_folder(data_root / "nowhere", ds)
+
+
+def _load_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_cli", ROOT / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CLI = _load_cli()
+
+
+def run_cli(*args) -> int:
+    """eval.py in this process (its compiled functions are not shared with the fixtures): its exit status."""
+    from absl import flags
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["eval.py", *args])
+    try:
+        CLI.main(["eval.py"])
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_cli_missing_dataset_exit_2(tiny_sam, data_root, tmp_path):
+    """The real command: one line, status 2, no traceback."""
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--model", str(tiny_sam[2]), "--data_root",
+                        str(data_root), "--datasets", "DIS5K-TE2", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "DIS-TE2/im: image folder of dataset DIS5K-TE2 not found" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_user_errors_exit_2(tiny_sam, data_root, tmp_path, capsys):
+    bad = tmp_path / "bad"  # a truncated image: its header reads, its pixels do not
+    generate(str(bad / "DIS5K" / "DIS-TE3"), n=2, size=128, seed=3, progress=False)
+    jpg = sorted((bad / "DIS5K" / "DIS-TE3" / "im").glob("*.jpg"))[0]
+    jpg.write_bytes(jpg.read_bytes()[:200])
+    cases = [
+        (["--datasets", "DIS5K-XX"], "unknown dataset 'DIS5K-XX'"),
+        (["--model", str(tmp_path / "nope")], "does not exist"),
+        (["--clicks", "1,x"], "--clicks takes comma-separated integers"),
+        (["--click_modes", "ALL,XY"], "--click_modes: unknown"),
+        (["--data_root", str(bad), "--datasets", "DIS5K-TE3"], jpg.name),
+    ]
+    for extra, message in cases:
+        code = run_cli("--model", str(tiny_sam[2]), "--data_root", str(data_root), "--datasets", "DIS5K-VD",
+                       "--out", str(tmp_path / "o"), "--noprogress", *extra)
+        err = capsys.readouterr().err
+        assert code == 2, (extra, err[-2000:])
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], err[-2000:]
+
+
+@pytest.fixture(scope="module")
+def cli_out(tiny_sam, tiny_hq, data_root, tmp_path_factory):
+    """eval.py on two models, two datasets, the click protocol with 1 and 2 clicks in three modes."""
+    tmp = tmp_path_factory.mktemp("cli")
+    sam_dir = tmp / "sam_tiny"
+    os.symlink(tiny_sam[2], sam_dir)
+    out = tmp / "out"
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = run_cli("--model", f"{sam_dir},{tiny_hq}", "--data_root", str(data_root), "--datasets",
+                       "DIS5K-VD,DIS5K-TE1", "--out", str(out), "--clicks", "1,2", "--click_modes", "ALL,FG,BG",
+                       "--subset", "3", "--gallery", "2", "--noprogress")
+    assert code == 0
+    return out, stdout.getvalue()
+
+
+def test_cli_end_to_end(cli_out):
+    out, stdout = cli_out
+    for stem in ("dis", "all", "clicks_table", "click_modes_table"):
+        for ext in ("md", "csv", "json"):
+            assert (out / f"{stem}.{ext}").is_file(), f"{stem}.{ext}"
+    assert (out / "clicks.png").is_file() and (out / "clicks" / "subset.json").is_file()
+    assert len(list((out / "galleries").glob("*.png"))) == 4
+    assert len(list((out / "sam_tiny" / "DIS5K-VD").glob("*.png"))) == 6
+    assert "Results on DIS5K" in stdout and "Interactive correction" in stdout
+    assert "Preference for click types" in stdout and "worst-case overlays" in stdout
+    dis = json.loads((out / "dis.json").read_text())
+    assert set(dis) == {"sam_tiny", "hq_tiny"} and set(dis["hq_tiny"]) == {"DIS5K-VD", "DIS5K-TE1"}
+    assert dis["hq_tiny"]["DIS5K-VD"]["num_images"] == 6
+
+
+def test_click_protocol(cli_out, data_root):
+    out, _ = cli_out
+    subset = json.loads((out / "clicks" / "subset.json").read_text())["names"]
+    assert 1 <= len(subset) <= 3
+    table2 = json.loads((out / "clicks_table.json").read_text())
+    table7 = json.loads((out / "click_modes_table.json").read_text())
+    for m in ("sam_tiny", "hq_tiny"):
+        assert sorted(table2[m]) == ["0", "1", "2"]
+        assert set(table7[m]) == {"Ori", "ALL", "FG", "BG"}
+        assert table2[m]["0"]["num_images"] == len(subset)
+        assert table7[m]["ALL"] == table2[m]["2"]
+    per_image = json.loads((out / "clicks" / "per_image.json").read_text())
+    assert len(per_image) == 2 * len(subset)
+    # Ori is the box prediction: the same as the box evaluation's saved PNG.
+    for rec in per_image:
+        ds_name, name = rec["image"].split("/")
+        folder = "DIS-VD" if ds_name == "DIS5K-VD" else "DIS-TE1"
+        saved = images.read_mask(loop.prediction_path(out, rec["model"], ds_name, name))
+        gt = images.read_mask(data_root / "DIS5K" / folder / "gt" / f"{name}.png")
+        assert rec["Ori"]["iou"] == pytest.approx(iou(saved, gt))
+    # Every model gets the same clicks for an image: they come from the overlapping errors.
+    by_image = {}
+    for rec in per_image:
+        by_image.setdefault(rec["image"], []).append(rec)
+    for recs in by_image.values():
+        assert len(recs) == 2
+        for key in ("ALL-1", "ALL-2", "FG-2", "BG-2"):
+            assert recs[0][key]["clicks"] == recs[1][key]["clicks"]
+            assert recs[0][key]["flags"] == recs[1][key]["flags"]
+        assert all(f == 1 for f in recs[0]["FG-2"]["flags"]) and all(f == 0 for f in recs[0]["BG-2"]["flags"])
+        assert 1 <= len(recs[0]["ALL-2"]["clicks"]) <= 2
+
+
+class _FakePiPredictor:
+    """Records the calls a Pi-SAM Predictor gets; logits > 0 on the left half of its S x S frame."""
+
+    def __init__(self, size):
+        self.size, self.calls = size, []
+
+    def set_image(self, image):
+        self.calls.append(("set_image", image.shape))
+
+    def _logits(self):
+        m = np.full((1, self.size, self.size), -1.0, np.float32)
+        m[:, :, : self.size // 2] = 1.0
+        return m
+
+    def predict(self, **kw):
+        self.calls.append(("predict", kw))
+        return self._logits(), np.full((1,), np.nan), np.zeros((1, 16, 16), np.float32)
+
+    def refine(self, clicks, return_logits=False):
+        self.calls.append(("refine", clicks, return_logits))
+        return self._logits()
+
+
+def test_pi_path_uses_box_then_refine_with_pixel_clicks():
+    """Pi-SAM models: predict(box) then refine([(x, y, is_fg), ...]) in the stretched frame's pixels."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(decoder="pi", image_size=64))
+    fake = _FakePiPredictor(64)
+    seg = BoxSegmenter(model, name="pi", geometry="stretch", predictor=fake, hq_token_only=True)
+    assert seg.settings["hq_token_only"] is False  # an HQ-SAM option only
+    seg.set_image(np.zeros((30, 50, 3), np.uint8))
+    assert fake.calls[0] == ("set_image", (64, 64, 3))
+    gt = np.zeros((30, 50), np.uint8)
+    gt[10:20, 5:25] = 255
+    out = seg.predict_box(seg.gt_box(gt))
+    assert fake.calls[1][1] == dict(box=pytest.approx(seg.gt_box(gt)), multimask_output=False, return_logits=True)
+    assert out.logits.shape == (30, 50) and out.mask[:, :25].all() and not out.mask[:, 25:].any()
+    # a click at pixel (col 10, row 15) of the original is the centre of the same spot in the 64x64 frame
+    pts = np.array([[(10 + 0.5) / 50, (15 + 0.5) / 30]])
+    logits = seg.refine(out, pts, np.array([0]))
+    (_, clicks, return_logits), = [c for c in fake.calls if c[0] == "refine"]
+    assert return_logits and len(clicks) == 1 and clicks[0][2] is False
+    assert clicks[0][:2] == pytest.approx((10.5 * 64 / 50 - 0.5, 15.5 * 64 / 30 - 0.5))
+    assert logits.shape == (30, 50)
+
+
+def test_pi_model_through_the_click_protocol(data_root, tmp_path):
+    """A random-weight Pi-SAM (stage 2, 1024 input) through the real Predictor: box, then refine with clicks."""
+    import torch
+
+    from convert.pisam import convert_pisam
+    from pisam_jax.evaluation import interactive
+    from tests.sam_reference import build_torch_sam, save_official
+    from tests.test_pi_decoder import SMALL_1024, build_reference
+
+    sam = build_torch_sam(**SMALL_1024)
+    save_official(sam, tmp_path / "sam.pth")
+    torch.save({"model_state_dict": build_reference(64, True, sam).state_dict()}, tmp_path / "pi.pth")
+    seg = BoxSegmenter.load(convert_pisam(tmp_path / "sam.pth", tmp_path / "pi.pth", tmp_path / "pisam"))
+    ds = open_dataset("DIS5K-VD", str(data_root))
+    ds = Dataset(ds.name, ds.samples[:1])
+    res = interactive.evaluate_clicks([seg], [ds], tmp_path / "out", clicks=(2,), modes=("ALL", "BG"), n_subset=1,
+                                      show_progress=False)
+    assert len(res.subset) == 1 and sorted(res.table2["pisam"]) == [0, 2]
+    rec = res.per_image[0]
+    assert 1 <= len(rec["ALL-2"]["clicks"]) <= 2 and set(rec["BG-2"]["flags"]) <= {0}
+    pred = images.read_mask(loop.prediction_path(tmp_path / "out", "pisam", ds.name, ds.samples[0].name))
+    assert pred.shape == (ds.samples[0].height, ds.samples[0].width)

@@ -43,12 +43,15 @@ class Predictor:
         self.image_size = model.config.image_size
         graphdef, self._state = nnx.split(model)
         self._encode = jax.jit(lambda state, images: nnx.merge(graphdef, state).encode(images))
-        self._decode = jax.jit(
-            partial(_decode, graphdef),
-            static_argnames=("multimask_output", "hq_token_only", "input_size", "original_size"),
-        )
+        self._decode = jax.jit(partial(_decode, graphdef), static_argnames=("multimask_output", "hq_token_only"))
         self._pi_base = jax.jit(lambda state, features, boxes: nnx.merge(graphdef, state).pi_base(features, boxes))
-        self._pi_refine = jax.jit(partial(_pi_refine, graphdef), static_argnames=("input_size", "original_size"))
+        self._pi_refine = jax.jit(
+            lambda state, features, base, clicks: nnx.merge(graphdef, state).pi_refine(features, base, clicks)
+        )
+        # Separate from the decoders, so a new image size recompiles two resizes, not a decoder.
+        self._to_original = jax.jit(
+            transforms.postprocess_masks, static_argnames=("input_size", "original_size", "size")
+        )
         self.reset_image()
 
     @property
@@ -139,7 +142,7 @@ class Predictor:
             boxes = transforms.apply_boxes(self._check_boxes(boxes), self.original_size, self.image_size)[None]
         if mask_input is not None:
             mask_input = self._check_masks(mask_input).transpose(0, 2, 3, 1)[None]
-        masks, scores, low_res = self._decode(
+        scores, low_res = self._decode(
             self._state,
             self.features,
             points,
@@ -147,10 +150,8 @@ class Predictor:
             mask_input,
             multimask_output=multimask_output,
             hq_token_only=bool(hq_token_only),
-            input_size=self.input_size,
-            original_size=self.original_size,
         )
-        masks = np.asarray(masks[0])
+        masks = np.asarray(self._upsample(low_res[0]))
         return (masks if return_logits else masks > 0.0), np.asarray(scores[0]), np.asarray(low_res[0])
 
     def _predict_pi(self, boxes: np.ndarray, return_logits: bool):
@@ -203,11 +204,13 @@ class Predictor:
         return points, labels
 
     def _refine_to_original(self, clicks) -> np.ndarray:
-        masks = self._pi_refine(
-            self._state, self.features, self.pi_base, clicks,
-            input_size=self.input_size, original_size=self.original_size,
-        )  # fmt: skip
-        return np.asarray(masks)
+        return np.asarray(self._upsample(self._pi_refine(self._state, self.features, self.pi_base, clicks)))
+
+    def _upsample(self, logits: jax.Array) -> jax.Array:
+        """(..., h, w) logits in the padded model frame -> (..., H, W) at the original image size."""
+        return self._to_original(
+            logits, input_size=self.input_size, original_size=self.original_size, size=self.image_size
+        )
 
     @staticmethod
     def _check_points(coords, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -238,26 +241,10 @@ class Predictor:
         return masks
 
 
-def _decode(
-    graphdef, state, features, points, boxes, masks, *, multimask_output, hq_token_only, input_size, original_size
-):
-    """Prompt encoder + mask decoder + upsampling to the original image, for one batch of prompts."""
-    model = nnx.merge(graphdef, state)
-    low_res, scores = model.decode(
-        features,
-        points=points,
-        boxes=boxes,
-        masks=masks,
-        multimask_output=multimask_output,
-        hq_token_only=hq_token_only,
-    )
-    full = transforms.postprocess_masks(low_res, input_size, original_size, model.config.image_size)
-    return full, scores, low_res
-
-
-def _pi_refine(graphdef, state, features, base, clicks, *, input_size, original_size):
-    """Pi-SAM's cheap step: interactor (with clicks) + HR head, then the 1024^2 logits to the original image."""
-    model = nnx.merge(graphdef, state)
-    large = model.pi_refine(features, base, clicks)  # (P, 1, S, S)
-    size = model.config.image_size
-    return transforms.postprocess_masks(large, input_size, original_size, size)
+def _decode(graphdef, state, features, points, boxes, masks, *, multimask_output, hq_token_only):
+    """Prompt encoder + mask decoder for one batch of prompts: (scores, low-res logits)."""
+    low_res, scores = nnx.merge(graphdef, state).decode(
+        features, points=points, boxes=boxes, masks=masks,
+        multimask_output=multimask_output, hq_token_only=hq_token_only,
+    )  # fmt: skip
+    return scores, low_res

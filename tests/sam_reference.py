@@ -5,21 +5,19 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything import modeling
+from segment_anything.modeling import MaskDecoder, Sam, TwoWayTransformer
 
 # A SAM small enough for two CPU cores: 256-px input, 16x16 grid, 2 blocks (one windowed, one global).
 TINY = dict(image_size=256, embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=7)
 
 
-def build_torch_sam(image_size, embed_dim, depth, num_heads, global_attn_indexes, window_size=14, seed=0) -> Sam:
-    """``segment_anything.build_sam._build_sam`` with every size a parameter, random weights, eval mode.
-
-    LayerNorm weights and biases are perturbed: their default 1/0 would hide a mislaid scale or bias.
-    """
-    torch.manual_seed(seed)
+def encoder_and_prompts(modeling, image_size, embed_dim, depth, num_heads, global_attn_indexes, window_size=14):
+    """``image_encoder`` and ``prompt_encoder`` as ``build_sam._build_sam`` makes them, from ``modeling``
+    (``segment_anything.modeling`` or ``segment_anything_hq.modeling``), every size a parameter."""
     grid = image_size // 16
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
+    return dict(
+        image_encoder=modeling.ImageEncoderViT(
             depth=depth,
             embed_dim=embed_dim,
             img_size=image_size,
@@ -33,9 +31,31 @@ def build_torch_sam(image_size, embed_dim, depth, num_heads, global_attn_indexes
             window_size=window_size,
             out_chans=256,
         ),
-        prompt_encoder=PromptEncoder(
+        prompt_encoder=modeling.PromptEncoder(
             embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(image_size, image_size), mask_in_chans=16
         ),
+    )
+
+
+def perturb_(sam: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    """Adds noise to every norm's weight and bias and to the position tables, and sets eval mode:
+    their default 1/0 and zeros would hide a mislaid scale, bias or table."""
+    with torch.no_grad():
+        for module in sam.modules():
+            if type(module).__name__ in ("LayerNorm", "LayerNorm2d"):  # torch's, and each package's own 2d one
+                module.weight.add_(scale * torch.randn_like(module.weight))
+                module.bias.add_(scale * torch.randn_like(module.bias))
+        for name, p in sam.named_parameters():
+            if name.endswith(("rel_pos_h", "rel_pos_w", "pos_embed")):
+                p.add_(scale * torch.randn_like(p))
+    return sam.eval()
+
+
+def build_torch_sam(image_size, embed_dim, depth, num_heads, global_attn_indexes, window_size=14, seed=0) -> Sam:
+    """``segment_anything.build_sam._build_sam`` with every size a parameter, random weights, eval mode."""
+    torch.manual_seed(seed)
+    sam = Sam(
+        **encoder_and_prompts(modeling, image_size, embed_dim, depth, num_heads, global_attn_indexes, window_size),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
             transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
@@ -44,11 +64,7 @@ def build_torch_sam(image_size, embed_dim, depth, num_heads, global_attn_indexes
             iou_head_hidden_dim=256,
         ),
     )
-    with torch.no_grad():
-        for name, p in sam.named_parameters():
-            if "norm" in name or name.endswith(("rel_pos_h", "rel_pos_w", "pos_embed")):
-                p.add_(0.1 * torch.randn_like(p))
-    return sam.eval()
+    return perturb_(sam)
 
 
 def save_official(model: torch.nn.Module, path) -> None:

@@ -119,6 +119,18 @@ class ConvTranspose2x2(nnx.Module):
         return y.reshape(n, 2 * h, 2 * w, -1) + self.bias[...]
 
 
+class MLPBlock(nnx.Module):
+    """SAM's ``MLPBlock``: ``lin2(act(lin1(x)))``; GELU (exact) as torch's default."""
+
+    def __init__(self, embedding_dim: int, mlp_dim: int, act=gelu, *, rngs: nnx.Rngs):
+        self.lin1 = Linear(embedding_dim, mlp_dim, rngs=rngs)
+        self.lin2 = Linear(mlp_dim, embedding_dim, rngs=rngs)
+        self.act = act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.lin2(self.act(self.lin1(x)))
+
+
 class MLP(nnx.Module):
     """SAM's ``MLP``: ``num_layers`` Linear layers with ReLU between them, optional sigmoid on the output."""
 

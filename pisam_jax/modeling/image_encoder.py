@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pisam_jax.modeling.common import Conv2d, LayerNorm, LayerNorm2d, Linear, Sequential, gelu
+from pisam_jax.modeling.common import Conv2d, LayerNorm, LayerNorm2d, Linear, MLPBlock, Sequential
 
 # Presets of the official checkpoints; the rest of the arguments are the defaults below.
 ENCODER_CONFIGS = {
@@ -124,17 +124,6 @@ class PatchEmbed(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.proj(x)
-
-
-class MLPBlock(nnx.Module):
-    """``lin2(gelu(lin1(x)))`` with exact GELU."""
-
-    def __init__(self, embedding_dim: int, mlp_dim: int, *, rngs: nnx.Rngs):
-        self.lin1 = Linear(embedding_dim, mlp_dim, rngs=rngs)
-        self.lin2 = Linear(mlp_dim, embedding_dim, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.lin2(gelu(self.lin1(x)))
 
 
 def _attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, rh: jax.Array | None, rw: jax.Array | None, scale: float):

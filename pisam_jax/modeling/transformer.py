@@ -15,19 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pisam_jax.modeling.common import LayerNorm, Linear, relu
-
-
-class MLPBlock(nnx.Module):
-    """SAM's ``MLPBlock``: lin2(act(lin1(x)))."""
-
-    def __init__(self, embedding_dim: int, mlp_dim: int, act: Callable = relu, *, rngs: nnx.Rngs):
-        self.lin1 = Linear(embedding_dim, mlp_dim, rngs=rngs)
-        self.lin2 = Linear(mlp_dim, embedding_dim, rngs=rngs)
-        self.act = act
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.lin2(self.act(self.lin1(x)))
+from pisam_jax.modeling.common import LayerNorm, Linear, MLPBlock, relu
 
 
 class Attention(nnx.Module):

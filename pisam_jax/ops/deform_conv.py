@@ -209,21 +209,25 @@ def _from_columns(c: jax.Array, groups: int) -> jax.Array:
     return c.reshape(b, p, groups, cin // groups).transpose(0, 2, 1, 3).reshape(b * groups, p, -1)
 
 
-def _tap_slices(tap, off, mask, weight):
-    """Slices tap ``tap`` out of off (B, P, G, K, 2), mask (B, P, G, K), weight (K, Cin, Cout).
+def _tap_slices(geom: _Geometry, tap, off, mask, weight):
+    """Slices tap ``tap`` out of off (B, P, G*K*2), mask (B, P, G*K) and weight (K, Cin, Cout).
 
     Returns offsets (BG, P, 2), mask (BG, P) and the weight (Cin, Cout). Slicing inside the loop, instead of
-    transposing to tap-major once, avoids writing a copy of the offsets (25 MB per image at 7x7).
+    transposing to tap-major once, avoids writing a copy of the offsets (25 MB per image at 7x7); so does
+    splitting the channels into (G, K) here rather than outside the loop, where XLA copied them into a new layout.
     """
-    b, p, g = off.shape[:3]
-    o = jax.lax.dynamic_index_in_dim(off, tap, axis=3, keepdims=False).transpose(0, 2, 1, 3).reshape(b * g, p, 2)
-    m = jax.lax.dynamic_index_in_dim(mask, tap, axis=3, keepdims=False).transpose(0, 2, 1).reshape(b * g, p)
+    b, p = off.shape[:2]
+    g, taps = geom.groups, geom.kernel_h * geom.kernel_w
+    o = jax.lax.dynamic_index_in_dim(off.reshape(b, p, g, taps, 2), tap, axis=3, keepdims=False)
+    m = jax.lax.dynamic_index_in_dim(mask.reshape(b, p, g, taps), tap, axis=3, keepdims=False)
+    o = o.transpose(0, 2, 1, 3).reshape(b * g, p, 2)
+    m = m.transpose(0, 2, 1).reshape(b * g, p)
     return o, m, jax.lax.dynamic_index_in_dim(weight, tap, keepdims=False)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _deform_core(geom: _Geometry, xpad, off, mask, weight):
-    """xpad (BG, H+2, W+2, Cg); off (B, P, G, K, 2); mask (B, P, G, K); weight (K, Cin, Cout) -> (B, P, Cout) f32."""
+    """xpad (BG, H+2, W+2, Cg); off (B, P, G*K*2); mask (B, P, G*K); weight (K, Cin, Cout) -> (B, P, Cout) f32."""
     return _deform_fwd(geom, xpad, off, mask, weight)[0]
 
 
@@ -231,7 +235,7 @@ def _deform_fwd(geom, xpad, off, mask, weight):
     batch, pixels = off.shape[:2]
 
     def tap(acc, k):
-        o, m, w = _tap_slices(k, off, mask, weight)
+        o, m, w = _tap_slices(geom, k, off, mask, weight)
         t = _bilinear(geom, k, o)
         # Bilinear blend and modulation in f32; the matmul then runs in the input dtype with f32 accumulation.
         s = _blend(t.weight * m[..., None], _gather(xpad, t))
@@ -247,14 +251,15 @@ def _deform_bwd(geom, residuals, g_out):
     """Per tap: recompute the gather; one contraction of the corners with the column gradient gives the
     mask and offset gradients; the input gradient is scatter-added into one padded accumulator."""
     xpad, off, mask, weight = residuals
-    batch, pixels, groups = off.shape[:3]
+    batch, pixels = off.shape[:2]
+    groups = geom.groups
     g_out = g_out.astype(jnp.float32)
     # g_out^T (Cout, B*P), transposed once: the weight gradient g_out^T @ columns is then a plain matmul, where
     # columns^T @ g_out made XLA transpose the columns on every tap.
     g_out_t = g_out.reshape(-1, g_out.shape[-1]).T
 
     def tap(g_xpad, k):
-        o, m, w = _tap_slices(k, off, mask, weight)
+        o, m, w = _tap_slices(geom, k, off, mask, weight)
         m = m.astype(jnp.float32)[..., None]
         t = _bilinear(geom, k, o)
         corners = _gather(xpad, t)
@@ -270,9 +275,9 @@ def _deform_bwd(geom, residuals, g_out):
 
     g_xpad = jnp.zeros(xpad.shape, jnp.float32)
     g_xpad, (g_off, g_mask, g_weight) = jax.lax.scan(tap, g_xpad, jnp.arange(weight.shape[0]))
-    # (K, B*G, P, ...) -> the input layouts (B, P, G, K, ...).
-    g_off = g_off.reshape(-1, batch, groups, pixels, 2).transpose(1, 3, 2, 0, 4)
-    g_mask = g_mask.reshape(-1, batch, groups, pixels).transpose(1, 3, 2, 0)
+    # (K, B*G, P, ...) -> the input layouts (B, P, G*K*...).
+    g_off = g_off.reshape(-1, batch, groups, pixels, 2).transpose(1, 3, 2, 0, 4).reshape(off.shape)
+    g_mask = g_mask.reshape(-1, batch, groups, pixels).transpose(1, 3, 2, 0).reshape(mask.shape)
     return g_xpad.astype(xpad.dtype), g_off.astype(off.dtype), g_mask.astype(mask.dtype), g_weight.astype(weight.dtype)
 
 
@@ -313,8 +318,8 @@ def deform_conv2d(
     dtype = jnp.result_type(x, weight)
     if mask is None:
         mask = jnp.ones((batch, geom.out_height, geom.out_width, groups * taps), offset.dtype)
-    off = offset.reshape(batch, pixels, groups, taps, 2)
-    mod = mask.reshape(batch, pixels, groups, taps)
+    off = offset.reshape(batch, pixels, -1)
+    mod = mask.reshape(batch, pixels, -1)
     xpad = _pad_groups(x.astype(dtype), groups)
     w = weight.astype(dtype).reshape(taps, x.shape[-1], -1)
     out = _deform_core(geom, xpad, off, mod, w)

@@ -1,0 +1,239 @@
+"""Parity of ``pisam_jax.ops.deform_conv`` and ``DeformableConv2d`` with ``torchvision.ops.deform_conv2d``.
+
+Forward and gradients (input, offset, mask, weight) at fp32, NCHW torch vs NHWC JAX. Tolerances: rtol 1e-5 and
+an atol of 1e-5 times the largest reference magnitude. The atol is needed because an output or gradient entry
+is a sum of many terms of both signs (up to Cin*kh*kw for the forward, B*Ho*Wo for the weight gradient, and
+differences of neighbouring pixels for the offset gradient): entries that cancel to near zero carry the rounding
+error of the large terms, which a purely relative test would reject although both sides are correct to fp32.
+The gradients pass at the same tolerance as the forward; every test prints its max abs and max rel errors.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torchvision
+from flax import nnx
+
+from pisam_jax.modeling.deformable_conv import DeformableConv2d
+from pisam_jax.ops.deform_conv import deform_conv2d
+
+RTOL = 1e-5
+ATOL_SCALE = 1e-5
+
+
+def assert_close(name: str, ours, ref, rtol: float = RTOL, atol_scale: float = ATOL_SCALE) -> None:
+    """assert_allclose with atol = atol_scale * max|ref|; prints max abs error and max error relative to max|ref|."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
+    scale = float(np.abs(ref).max()) or 1.0
+    err = float(np.abs(ours - ref).max())
+    print(f"{name}: max abs {err:.3e}, max rel (to max|ref| {scale:.3e}) {err / scale:.3e}")
+    np.testing.assert_allclose(ours, ref, rtol=rtol, atol=atol_scale * scale, err_msg=name)
+
+
+def nchw_to_nhwc(a: torch.Tensor) -> np.ndarray:
+    return a.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def oihw_to_hwio(w: torch.Tensor) -> np.ndarray:
+    return w.detach().numpy().transpose(2, 3, 1, 0)
+
+
+def out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def make_inputs(rng, batch, cin, cout, h, w, k, stride, padding, dilation, groups, offset_scale, border=False):
+    """Random NCHW torch inputs. With ``border``, offsets are whole or half pixels that land samples exactly on
+    pixel centres and cell borders, including exactly -1, H and W (torchvision's cut-off) and beyond."""
+    ho, wo = out_size(h, k, stride, padding, dilation), out_size(w, k, stride, padding, dilation)
+    x = rng.standard_normal((batch, cin, h, w))
+    if border:
+        offset = np.round(rng.uniform(-offset_scale, offset_scale, (batch, 2 * groups * k * k, ho, wo)) * 2) / 2
+        # Tap 0 (dy channel 0, dx channel 1) of four output pixels lands exactly on py = -1, px = W, py = H, px = -1.
+        base = lambda o: o * stride - padding
+        offset[:, 0, 0, 0] = -1 - base(0)
+        offset[:, 1, 0, 1] = w - base(1)
+        offset[:, 0, 1, 0] = h - base(1)
+        offset[:, 1, 1, 1] = -1 - base(1)
+    else:
+        offset = rng.standard_normal((batch, 2 * groups * k * k, ho, wo)) * offset_scale
+    mask = rng.uniform(0, 2, (batch, groups * k * k, ho, wo))
+    weight = rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)
+    return [torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in (x, offset, mask, weight)]
+
+
+CASES = {
+    # name: (batch, cin, cout, h, w, k, stride, padding, dilation, groups, offset_scale, border, use_mask)
+    "k3_nonsquare_batch2": (2, 6, 5, 9, 13, 3, 1, 1, 1, 1, 1.5, False, True),
+    "k3_large_offsets": (1, 4, 4, 8, 8, 3, 1, 1, 1, 1, 6.0, False, True),
+    "k3_pixel_borders": (1, 4, 3, 7, 6, 3, 1, 1, 1, 1, 9.0, True, True),
+    "k7_pad3": (1, 8, 8, 12, 10, 7, 1, 3, 1, 1, 2.0, False, True),
+    "k7_pixel_borders": (1, 4, 4, 9, 9, 7, 1, 3, 1, 1, 12.0, True, True),
+    "k1": (2, 4, 6, 6, 5, 1, 1, 0, 1, 1, 1.0, False, True),
+    "stride2_pad2_dil2_groups2": (2, 6, 4, 11, 9, 3, 2, 2, 2, 2, 2.0, False, True),
+    "stride2_k7_groups4": (1, 8, 4, 14, 12, 7, 2, 3, 1, 4, 3.0, False, True),
+    "no_mask": (2, 4, 5, 8, 9, 3, 1, 1, 1, 1, 2.0, False, False),
+    "no_mask_borders_groups2": (1, 4, 4, 6, 8, 3, 1, 0, 1, 2, 7.0, True, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES.keys())
+def test_op_matches_torchvision(case):
+    batch, cin, cout, h, w, k, stride, padding, dilation, groups, scale, border, use_mask = CASES[case]
+    rng = np.random.default_rng(zlib.crc32(case.encode()))
+    x, offset, mask, weight = make_inputs(rng, batch, cin, cout, h, w, k, stride, padding, dilation, groups, scale, border)
+    bias = torch.tensor(rng.standard_normal(cout), dtype=torch.float32, requires_grad=True)
+    t_mask = mask if use_mask else None
+    ref = torchvision.ops.deform_conv2d(x, offset, weight, bias, (stride, stride), (padding, padding), (dilation, dilation), t_mask)
+    cotangent = rng.standard_normal(ref.shape)
+    ref.backward(torch.tensor(cotangent, dtype=torch.float32))
+
+    def f(x, offset, mask, weight, bias):
+        return deform_conv2d(
+            x, offset, mask if use_mask else None, weight, bias, stride=stride, padding=padding, dilation=dilation
+        )
+
+    args = (nchw_to_nhwc(x), nchw_to_nhwc(offset), nchw_to_nhwc(mask), oihw_to_hwio(weight), bias.detach().numpy())
+    out, vjp = jax.vjp(jax.jit(f), *args)
+    g_x, g_offset, g_mask, g_weight, g_bias = vjp(jnp.asarray(cotangent.transpose(0, 2, 3, 1), jnp.float32))
+
+    assert_close(f"{case} forward", out, nchw_to_nhwc(ref))
+    assert_close(f"{case} grad x", g_x, nchw_to_nhwc(x.grad))
+    assert_close(f"{case} grad offset", g_offset, nchw_to_nhwc(offset.grad))
+    assert_close(f"{case} grad weight", g_weight, oihw_to_hwio(weight.grad))
+    assert_close(f"{case} grad bias", g_bias, bias.grad)
+    if use_mask:
+        assert_close(f"{case} grad mask", g_mask, nchw_to_nhwc(mask.grad))
+
+
+def test_op_at_pisam_size_7x7():
+    """The Object Embedder's 7x7 call on a (reduced, 64x64 instead of 256x256) 32-channel map, forward only."""
+    rng = np.random.default_rng(7)
+    x, offset, mask, weight = make_inputs(rng, 1, 32, 32, 64, 64, 7, 1, 3, 1, 1, 3.0)
+    ref = torchvision.ops.deform_conv2d(x, offset, weight, None, padding=(3, 3), mask=mask)
+    ours = jax.jit(lambda *a: deform_conv2d(*a, padding=3))(
+        nchw_to_nhwc(x), nchw_to_nhwc(offset), nchw_to_nhwc(mask), oihw_to_hwio(weight)
+    )
+    assert_close("64x64x32 k7 forward", ours, nchw_to_nhwc(ref))
+
+
+def test_vmap_and_grad_under_jit():
+    """vmap over an extra leading axis equals a loop; grad of a jitted loss is finite and matches the vjp."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 2, 6, 7, 4)), jnp.float32)
+    offset = jnp.asarray(rng.standard_normal((3, 2, 6, 7, 18)) * 2, jnp.float32)
+    mask = jnp.asarray(rng.uniform(0, 1, (3, 2, 6, 7, 9)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal((3, 3, 4, 5)), jnp.float32)
+    f = jax.jit(lambda x, o, m: deform_conv2d(x, o, m, weight, padding=1))
+    batched = jax.jit(jax.vmap(f))(x, offset, mask)
+    looped = jnp.stack([f(x[i], offset[i], mask[i]) for i in range(3)])
+    assert_close("vmap vs loop", batched, looped)
+
+    loss = jax.jit(jax.grad(lambda x, o, m: jnp.sum(jax.vmap(f)(x, o, m) ** 2), argnums=(0, 1, 2)))
+    grads = loss(x, offset, mask)
+    out, vjp = jax.vjp(f, x[0], offset[0], mask[0])
+    expected = jax.jit(vjp)(2 * out)
+    for name, g, e in zip(("x", "offset", "mask"), grads, expected):
+        assert_close(f"vmap grad {name}", g[0], e)
+
+
+def test_bf16_accumulates_in_f32():
+    rng = np.random.default_rng(2)
+    x, offset, mask, weight = make_inputs(rng, 1, 16, 8, 10, 10, 3, 1, 1, 1, 1, 2.0)
+    ref = nchw_to_nhwc(torchvision.ops.deform_conv2d(x, offset, weight, None, padding=(1, 1), mask=mask))
+    bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+    args = (nchw_to_nhwc(x), nchw_to_nhwc(offset), nchw_to_nhwc(mask), oihw_to_hwio(weight))
+    out = jax.jit(lambda *a: deform_conv2d(*a, padding=1))(*map(bf16, args))
+    assert out.dtype == jnp.bfloat16
+    # bf16 has an 8-bit mantissa: inputs, columns and output are each rounded to ~4e-3 relative.
+    assert_close("bf16 forward", out.astype(jnp.float32), ref, rtol=0.0, atol_scale=3e-2)
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        (((1, 8, 8, 4), (1, 8, 8, 17), (1, 8, 8, 9), (3, 3, 4, 5)), "multiple of 2\\*kh\\*kw"),
+        (((1, 8, 8, 4), (1, 8, 8, 18), (1, 8, 8, 8), (3, 3, 4, 5)), "mask"),
+        (((1, 8, 8, 4), (1, 8, 8, 18), (1, 8, 8, 9), (3, 3, 3, 5)), "input channels"),
+        (((1, 8, 8, 4), (1, 6, 6, 18), (1, 6, 6, 9), (3, 3, 4, 5)), "offset"),
+        (((1, 8, 8, 4), (1, 8, 8, 54), (1, 8, 8, 27), (3, 3, 4, 5)), "divisible by the 3 offset groups"),
+        (((8, 8, 4), (1, 8, 8, 18), (1, 8, 8, 9), (3, 3, 4, 5)), "4-D"),
+    ],
+)
+def test_invalid_shapes_raise(shapes, message):
+    x, offset, mask, weight = (jnp.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=message):
+        deform_conv2d(x, offset, mask, weight, padding=1)
+
+
+class TorchDeformableConv2d(torch.nn.Module):
+    """The reference DeformableConv2d of PISAM_SPEC section 3.1."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, padding: int, bias: bool):
+        super().__init__()
+        self.stride, self.padding = stride, padding
+        self.offset_conv = torch.nn.Conv2d(cin, 2 * k * k, k, stride, padding, bias=True)
+        self.modulator_conv = torch.nn.Conv2d(cin, k * k, k, stride, padding, bias=True)
+        for conv in (self.offset_conv, self.modulator_conv):
+            torch.nn.init.constant_(conv.weight, 0.0)
+            torch.nn.init.constant_(conv.bias, 0.0)
+        self.regular_conv = torch.nn.Conv2d(cin, cout, k, stride, padding, bias=bias)
+
+    def forward(self, x):
+        offset = self.offset_conv(x)
+        mask = 2.0 * torch.sigmoid(self.modulator_conv(x))
+        return torchvision.ops.deform_conv2d(
+            x, offset, self.regular_conv.weight, self.regular_conv.bias, self.stride, self.padding, mask=mask
+        )
+
+
+def build_module(*args, **kwargs) -> DeformableConv2d:
+    """Builds the module in one compiled program (eager init compiles every random op separately: much slower)."""
+    return nnx.jit(lambda: DeformableConv2d(*args, **kwargs, rngs=nnx.Rngs(0)))()
+
+
+def load_torch_weights(module: DeformableConv2d, state_dict: dict) -> None:
+    """torch state_dict -> nnx: conv weights (O, I, kh, kw) transposed (2, 3, 1, 0) to HWIO."""
+    for key, value in state_dict.items():
+        name, kind = key.rsplit(".", 1)
+        conv = getattr(module, name)
+        if kind == "weight":
+            conv.kernel[...] = jnp.asarray(value.numpy().transpose(2, 3, 1, 0))
+        else:
+            conv.bias[...] = jnp.asarray(value.numpy())
+
+
+@pytest.mark.parametrize("k, stride, padding, use_bias", [(3, 1, 1, False), (7, 1, 3, False), (3, 2, 1, True)])
+def test_module_matches_reference(k, stride, padding, use_bias):
+    torch.manual_seed(k + stride)
+    ref = TorchDeformableConv2d(6, 5, k, stride, padding, use_bias)
+    with torch.no_grad():  # non-zero offsets and modulation, so the deformable path is exercised
+        for conv in (ref.offset_conv, ref.modulator_conv):
+            conv.weight.normal_(0.0, 0.3)
+            conv.bias.normal_(0.0, 0.5)
+    ours = build_module(6, 5, k, stride=stride, padding=padding, use_bias=use_bias)
+    ours_keys = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+    torch_keys = {key.replace("weight", "kernel") for key in ref.state_dict()}
+    assert ours_keys == torch_keys
+    load_torch_weights(ours, ref.state_dict())
+
+    x = torch.randn(2, 6, 12, 11)
+    expected = nchw_to_nhwc(ref(x))
+    graphdef, state = nnx.split(ours)
+    out = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))(state, nchw_to_nhwc(x))
+    assert_close(f"module k{k} s{stride} bias={use_bias}", out, expected)
+
+
+def test_module_starts_as_plain_conv():
+    """Zero-initialised offset and modulator convs: offsets 0, modulation 2*sigmoid(0) = 1."""
+    module = build_module(4, 3, 3, padding=1)
+    x = np.random.default_rng(3).standard_normal((1, 9, 8, 4)).astype(np.float32)
+    both = nnx.jit(lambda module, x: (module(x), module.regular_conv(x)))
+    assert_close("init == regular conv", *both(module, x))

@@ -337,7 +337,8 @@ def test_cli_dashed_flags_and_exit_status(setup, tmp_path):
 
 @pytest.mark.heavy
 def test_vit_b_end_to_end(tmp_path):
-    """Real vit_b (random weights) at 1024: conversion with a verified seed-42 rgb_embed, then parity with clicks."""
+    """Real vit_b (random weights) at 1024: conversion with a verified seed-42 rgb_embed, then parity with clicks
+    through the Predictor."""
     c = VIT_CONFIGS["vit_b"]
     sam = build_torch_sam(1024, c["embed_dim"], c["depth"], c["num_heads"], c["global_attn_indexes"], seed=5)
     save_official(sam, tmp_path / "sam_vit_b.pth")
@@ -354,17 +355,16 @@ def test_vit_b_end_to_end(tmp_path):
         sparse, dense = sam.prompt_encoder(points=None, boxes=torch.tensor([BOX]), masks=None)
         low_res, large = ref(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense,
                              interm + [torch_seed42_rgb_embed(c)(x)], fg=torch.tensor([FG]), bg=torch.tensor([BG]))
-    graphdef, state = nnx.split(model)
+    # Ours through the Predictor, as a user runs it: pixels in, a box, then clicks in image pixels (D3).
+    from pisam_jax.predictor import Predictor
 
-    @jax.jit
-    def run(state, x, boxes, points, labels):
-        m = nnx.merge(graphdef, state)
-        return m.decode_pi(m.encode(x), boxes, (points, labels))
-
-    ours_low, ours_large = run(state, jnp.asarray(x.permute(0, 2, 3, 1).numpy()), jnp.asarray([[BOX]]),
-                               jnp.asarray([[FG + BG]]), jnp.asarray([[[1] * len(FG) + [0] * len(BG)]]))
-    assert_close("vit_b pred_masks 256^2", ours_low[0], low_res.numpy(), rtol=1e-4)
-    assert_close("vit_b pred_masks_large 1024^2 with clicks", ours_large[0], large.numpy(), rtol=1e-4)
+    predictor = Predictor(model)
+    predictor.set_image(image[0].permute(1, 2, 0).numpy().astype(np.uint8))
+    _, _, ours_low = predictor.predict(box=np.array(BOX))
+    clicks = [(u * 1024 - 0.5, v * 1024 - 0.5, True) for u, v in FG] + [(u * 1024 - 0.5, v * 1024 - 0.5, False) for u, v in BG]
+    ours_large = predictor.refine(clicks, return_logits=True)
+    assert_close("vit_b pred_masks 256^2 (Predictor)", ours_low, low_res[0].numpy(), rtol=1e-4)
+    assert_close("vit_b pred_masks_large 1024^2 with clicks (Predictor.refine)", ours_large, large[0].numpy(), rtol=1e-4)
 
 
 # -- the predictor: predict(box) from the 1024^2 head, refine(clicks) on cached features --------------------

@@ -260,8 +260,11 @@ def generate(out: str, n: int, size: int = 2048, seed: int = 0, workers: int = 0
     bar = tqdm(total=n, desc=f"synthetic {size}px -> {out}", unit="img", disable=not progress)
     names = []
     if workers > 0:
+        import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(workers) as ex:
+
+        # "spawn", not fork: the caller may have started JAX, whose threads a fork would deadlock.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
             for name in ex.map(_write_one, jobs):
                 names.append(name)
                 bar.update()

@@ -268,7 +268,13 @@ def _build_mask_decoder(config: ModelConfig, rngs: nnx.Rngs) -> MaskDecoder:
     if config.decoder == "hq":
         return MaskDecoderHQ(vit_dim=config.encoder_embed_dim, **sam_decoder)
     if config.decoder == "pi":
-        return MaskDecoderPi(vit_dim=config.encoder_embed_dim, interactor=config.interactor, **sam_decoder)
+        # E is 4x the embedding grid: 256^2 at 1024 input (the interactor's img_pe follows it).
+        return MaskDecoderPi(
+            vit_dim=config.encoder_embed_dim,
+            interactor=config.interactor,
+            interactor_hw=4 * config.embedding_size,
+            **sam_decoder,
+        )
     return MaskDecoder(**sam_decoder)
 
 

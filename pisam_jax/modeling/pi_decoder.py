@@ -101,7 +101,9 @@ class MaskDecoderPi(MaskDecoderHQ):
     Parameters mirror the reference's state_dict (spec appendix) plus ``rgb_embed.{0,1}`` (D2).
     """
 
-    def __init__(self, *, vit_dim: int, interactor: bool, rngs: nnx.Rngs, **sam_decoder_kwargs):
+    def __init__(
+        self, *, vit_dim: int, interactor: bool, rngs: nnx.Rngs, interactor_hw: int = 256, **sam_decoder_kwargs
+    ):
         super().__init__(vit_dim=vit_dim, rngs=rngs, **sam_decoder_kwargs)
         d = self.transformer_dim // 8  # 32
         r = RGB_EMBED_DIM
@@ -125,7 +127,7 @@ class MaskDecoderPi(MaskDecoderHQ):
             ]
         )
         self.rgb_embed = Sequential([Conv2d(3, r, 1, rngs=rngs), Conv2d(r, r, 3, padding=1, rngs=rngs)])
-        self.interact_2 = PointInteract(d, rngs=rngs) if interactor else None
+        self.interact_2 = PointInteract(d, interactor_hw, rngs=rngs) if interactor else None
 
     @property
     def has_interactor(self) -> bool:

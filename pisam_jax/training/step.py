@@ -104,8 +104,15 @@ def _check_mesh(mesh: jax.sharding.Mesh) -> None:
 
 
 def replicate(tree, mesh: jax.sharding.Mesh):
-    """Place every leaf of ``tree`` on all devices of ``mesh`` (``P()``)."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    """Place every leaf of ``tree`` on all devices of ``mesh`` (``P()``).
+
+    Multi-host: every process passes the same values. (``jax.device_put`` of a single-device ``jax.Array`` onto
+    a multi-process sharding yields an array whose shards cannot be read back, jax 0.10.2: go through host memory.)
+    """
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def shard_batch(batch, mesh: jax.sharding.Mesh):

@@ -1,0 +1,138 @@
+"""Training-step throughput and peak memory, with and without the embedding cache.
+
+    python -m bench.train_step                       # tiny and vit_b, cache off and on (vit_b: batch 1)
+    python -m bench.train_step --cases tiny --steps 5 --batch 2
+
+One JSON line per case: model, stage, image size, batch, cache, images/s (steady state, after a warm-up
+step), step time split (encoder vs train step), peak host RSS and, where the backend reports it, peak device
+memory. Each case runs in its own subprocess so peak memory is per case. Random weights and random images
+(speed does not depend on them). Without the cache a step = frozen encoder forward + the jitted train step;
+with it the encoder outputs come from host memory (a blake2b digest of the image keys them, as in training).
+No PyTorch reference: the reference trains with DDP on GPUs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+CASES = {
+    "tiny": dict(model_type="vit_b", image_size=256, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2,
+                 encoder_global_attn_indexes=(1,), window_size=7),
+    "tiny1024": dict(model_type="vit_b", image_size=1024, encoder_embed_dim=64, encoder_depth=2,
+                     encoder_num_heads=2, encoder_global_attn_indexes=(1,), window_size=7),
+    "vit_b": dict(model_type="vit_b"),
+    "vit_l": dict(model_type="vit_l"),
+    "vit_h": dict(model_type="vit_h"),
+}
+
+
+def run_case(name: str, batch: int, cache: bool, steps: int, stage: int = 1) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from pisam_jax.models import ModelConfig, build_model
+    from pisam_jax.training import loop, trainable
+    from pisam_jax.training import step as step_lib
+
+    fields = dict(CASES[name])
+    cfg = ModelConfig.preset(fields.pop("model_type"), "pi", interactor=stage == 2, **fields)
+    model = build_model(cfg, seed=0)
+    graphdef, train_state, frozen_state = nnx.split(model, trainable.trainable_filter(1), ...)
+    del model
+    tx = step_lib.make_optimizer(steps_per_epoch=100, num_epochs=100)
+    opt_state = tx.init(train_state)
+    mesh = step_lib.make_data_mesh()
+    train_state, frozen_state, opt_state = step_lib.replicate((train_state, frozen_state, opt_state), mesh)
+    encode = loop.make_encode(graphdef, mesh)
+    train_step = step_lib.make_train_step(graphdef, loop.stage1_loss_fn(112 * 112), tx, mesh=mesh)
+
+    s = cfg.image_size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:s, :s]
+    mask = (((yy - s / 2) ** 2 + (xx - s / 2) ** 2) < (s / 4) ** 2).astype(np.uint8) * 255
+    host = dict(image=images, mask=np.repeat(mask[None], batch, 0),
+                box=np.tile(np.array([[s / 4, s / 4, 3 * s / 4, 3 * s / 4]], np.float32), (batch, 1)),
+                has_object=np.ones((batch,), bool))
+    store = loop.EmbeddingCache()
+
+    def one_step(i):
+        nonlocal train_state, opt_state
+        t0 = time.perf_counter()
+        feats = None
+        if cache:
+            keys, feats = store.lookup(images)
+        if feats is None:
+            emb, interm0 = encode(train_state, frozen_state, step_lib.shard_batch(images, mesh))
+            if cache:
+                store.add(keys, loop.local_rows(emb), loop.local_rows(interm0))
+        else:
+            emb, interm0 = step_lib.shard_batch(feats[0], mesh), step_lib.shard_batch(feats[1], mesh)
+        jax.block_until_ready(emb)
+        t1 = time.perf_counter()
+        dev = step_lib.shard_batch(host, mesh)
+        dev.update(embeddings=emb, interm0=interm0)
+        train_state, opt_state, m = train_step(train_state, frozen_state, opt_state, dev, jax.random.key(i))
+        jax.block_until_ready(m["loss"])
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    t = time.perf_counter()
+    one_step(0)  # compile (and, with the cache, fill it)
+    compile_s = time.perf_counter() - t
+    enc, stp = [], []
+    for i in range(steps):
+        a, b = one_step(i + 1)
+        enc.append(a)
+        stp.append(b)
+    total = sum(enc) + sum(stp)
+    out = dict(case=name, stage=stage, image_size=s, batch=batch, cache=cache, devices=jax.device_count(),
+               backend=jax.default_backend(), steps=steps, images_per_s=round(batch * steps / total, 4),
+               step_s=round(total / steps, 4), encoder_or_cache_s=round(sum(enc) / steps, 4),
+               train_step_s=round(sum(stp) / steps, 4), first_step_s=round(compile_s, 2),
+               peak_host_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["peak_device_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="tiny,vit_b", help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--batch", type=int, default=0, help="per-case batch (default: 2 for tiny, 1 otherwise)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
+    p.add_argument("--cache", default="off,on", help="off, on or off,on")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # run one case in this process
+    a = p.parse_args(argv)
+    cases = [c for c in a.cases.split(",") if c]
+    if unknown := [c for c in cases if c not in CASES]:
+        print(f"error: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}", file=sys.stderr)
+        return 2
+    modes = [m == "on" for m in a.cache.split(",")]
+    if a.one:
+        print(json.dumps(run_case(cases[0], a.batch, modes[0], a.steps)), flush=True)
+        return 0
+    for c in cases:
+        batch = a.batch or (2 if c.startswith("tiny") else 1)
+        for on in modes:
+            cmd = [sys.executable, "-m", "bench.train_step", "--one", "--cases", c, "--batch", str(batch),
+                   "--steps", str(a.steps), "--cache", "on" if on else "off"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode or not lines:
+                print(json.dumps(dict(case=c, cache=on, error=proc.stderr.strip().splitlines()[-1:])), flush=True)
+            else:
+                print(lines[-1], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

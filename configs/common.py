@@ -1,0 +1,72 @@
+"""Shared defaults of every training recipe (PISAM_SPEC.md 5; decisions D2, D4, D8).
+
+Not a recipe itself: each ``configs/<recipe>.py`` calls ``get_config()`` here and changes what differs.
+Fields (override any with ``--config.<field>=value``):
+
+  stage                 1: HR Mask Decoder (+ RGB embedding, D2); 2: Precise Interactor only (D4)
+  init_from             a converted SAM / HQ-SAM / Pi-SAM model directory, or a stage-1 workdir (stage 2);
+                        empty only when ``allow_random_init`` (tiny recipes)
+  model.*               ModelConfig fields: model_type plus any size override (tiny recipes); with init_from,
+                        the encoder sizes come from the checkpoint and must agree with these
+  data.*                datasets (names or groups, D8: paper-train), data_root, augmentation, reader threads/workers,
+                        synthetic (generate that many synthetic images under data_root when the data is absent)
+  batch_size            global batch over all devices and hosts (spec: 32 = 8 GPUs x 4)
+  num_epochs            cosine schedule length in epochs, stepped once per epoch (spec: 100)
+  steps_per_epoch       0: len(dataset) // batch_size (drop_last, as the reference)
+  max_steps             stop after this many steps (0: num_epochs * steps_per_epoch)
+  learning_rate         Adam 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay
+  cache_embeddings      reuse the frozen encoder's outputs per image (needs data.augment=False)
+  checkpoint.*          every_steps, keep (latest N), async
+  log_every_steps       JSONL + TensorBoard + progress bar postfix
+  distributed           call jax.distributed.initialize (coordinator from the fields below or the environment)
+  debug.nan_at_step     inject a NaN loss at this step (tests the NaN guard); -1 off
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = 1
+    c.init_from = ""
+    c.allow_random_init = False
+    c.seed = 42
+
+    c.model = ml_collections.ConfigDict()
+    c.model.model_type = "vit_b"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.datasets = "paper-train"
+    c.data.data_root = "data"
+    c.data.augment = True
+    c.data.threads = 2
+    c.data.prefetch = 4
+    c.data.workers = 0
+    c.data.skip_bad = False
+    c.data.synthetic = 0
+    c.data.synthetic_size = 1024
+
+    c.batch_size = 32
+    c.num_epochs = 100
+    c.steps_per_epoch = 0
+    c.max_steps = 0
+    c.learning_rate = 1e-3
+    c.num_points = 112 * 112
+    c.cache_embeddings = False
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log_every_steps = 20
+    c.progress = True
+
+    c.distributed = False
+    c.coordinator_address = ""
+    c.num_processes = 0
+    c.process_id = -1
+
+    c.debug = ml_collections.ConfigDict()
+    c.debug.nan_at_step = -1
+    return c

@@ -174,5 +174,7 @@ class BoxSegmenter:
 
 
 def model_name(model_dir: str | os.PathLike) -> str:
-    """A model's report name: its directory's base name."""
-    return os.path.basename(os.path.normpath(os.fspath(model_dir)))
+    """A model's report name: its directory's base name, or its run's for a training export (RUN/export)."""
+    path = os.path.normpath(os.fspath(model_dir))
+    name = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) or name if name == "export" else name

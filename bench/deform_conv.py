@@ -34,7 +34,6 @@ if ON_GPU:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_extra_options=-nvptx-allow-ftz-atomics").strip()
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from pisam_jax.ops.deform_conv import deform_conv2d  # noqa: E402
 

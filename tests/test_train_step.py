@@ -137,7 +137,6 @@ def test_stage_filters():
 
 def test_pi_sam_counts_match_spec():
     """Spec 3.3 (vit_b): stage 1 = 1,395,287 + rgb_embed 616 (D2), interact_2 = 167,104; shapes only."""
-    pytest.importorskip("pisam_jax.modeling.pi_decoder")
     from pisam_jax.models import ModelConfig, build_model
 
     model = nnx.eval_shape(lambda: build_model(ModelConfig(decoder="pi", interactor=True)))

@@ -10,8 +10,11 @@ scores ``<model>/<dataset>.json``, the tables (``dis.md|csv|json`` for DIS5K, ``
 HRSOD/UHRSD, ``big.*`` for BIG, ``all.*`` every dataset and metric), worst-case galleries
 ``galleries/<model>_<dataset>.png``, and with --clicks the click protocol's
 ``clicks_table.*`` (Table 2), ``click_modes_table.*`` (Table 7), ``clicks.png`` and
-``clicks/subset.json``. Prints the Markdown tables. User errors (missing model or dataset
-folder, unknown dataset, corrupt image, bad flag) print one line and exit with status 2.
+``clicks/subset.json``; the click stage stores each finished (model, image) under
+``clicks/<model>/`` and a rerun with the same click settings resumes it (other --clicks,
+--click_modes, --modes_clicks, --seed or models: an error). Prints the Markdown tables.
+User errors (missing model or dataset folder, unknown dataset, corrupt image, bad flag)
+print one line and exit with status 2.
 """
 
 from __future__ import annotations

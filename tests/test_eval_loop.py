@@ -47,11 +47,6 @@ def sam_seg(tiny_sam):
     return BoxSegmenter.load(tiny_sam[2], name="sam", geometry="stretch")
 
 
-@pytest.fixture(scope="module")
-def hq_seg(tiny_hq):
-    return BoxSegmenter.load(tiny_hq, name="hq", geometry="stretch")
-
-
 def test_box_eval_writes_scores_and_resumes(sam_seg, data_root, tmp_path):
     ds = open_dataset("DIS5K-VD", str(data_root))
     first = loop.evaluate_dataset(sam_seg, ds, tmp_path, show_progress=False)
@@ -323,3 +318,189 @@ def test_pi_model_through_the_click_protocol(data_root, tmp_path):
     assert 1 <= len(rec["ALL-2"]["clicks"]) <= 2 and set(rec["BG-2"]["flags"]) <= {0}
     pred = images.read_mask(loop.prediction_path(tmp_path / "out", "pisam", ds.name, ds.samples[0].name))
     assert pred.shape == (ds.samples[0].height, ds.samples[0].width)
+
+
+# ----------------------------------------------------------------------------- click stage resume
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _Counting:
+    """A ``BoxSegmenter`` that counts set_image / refine calls; ``fail_at``: refine raises during that image."""
+
+    def __init__(self, seg, fail_at=None):
+        self.seg, self.fail_at, self.images, self.refines = seg, fail_at, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.seg, name)
+
+    def set_image(self, image):
+        self.images += 1
+        self.seg.set_image(image)
+
+    def refine(self, *args):
+        self.refines += 1
+        if self.images == self.fail_at:
+            raise _Interrupted
+        return self.seg.refine(*args)
+
+
+CLICK_KW = dict(clicks=(1, 2), modes=("ALL", "FG", "BG"), n_subset=4, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def sam_ls(sam_seg):
+    """A second model that compiles nothing new: the tiny SAM in the longest-side geometry (same 256 input)."""
+    return BoxSegmenter(sam_seg.model, name="sam_ls", geometry="longest_side", predictor=sam_seg.predictor)
+
+
+@pytest.fixture(scope="module")
+def click_run(sam_seg, sam_ls, data_root, tmp_path_factory):
+    """An uninterrupted click evaluation of two models on DIS5K-VD: (out dir, result)."""
+    from pisam_jax.evaluation import interactive
+
+    out = tmp_path_factory.mktemp("clicks_full")
+    ds = open_dataset("DIS5K-VD", str(data_root))
+    return out, interactive.evaluate_clicks([sam_seg, sam_ls], [ds], out, **CLICK_KW)
+
+
+def _box_stage_copy(src, dst):
+    """A copy of an output folder's box predictions (not its click records): the click stage starts there."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("clicks"))
+    return dst
+
+
+def _records(out):
+    return sorted(str(p.relative_to(out)) for p in (out / "clicks").glob("*/*/*.npz"))
+
+
+def _same_result(res, ref):
+    assert res.subset == ref.subset
+    assert res.table2 == ref.table2 and res.table7 == ref.table7  # exactly, every metric
+    assert res.per_image == ref.per_image
+
+
+def test_click_stage_resumes_exactly(sam_seg, sam_ls, data_root, click_run, tmp_path):
+    """Interrupted inside a refine, the rerun computes only the missing (model, image) pairs; same tables."""
+    from pisam_jax.evaluation import interactive
+
+    ref_out, ref = click_run
+    n = len(ref.subset)
+    assert n >= 3
+    assert len(_records(ref_out)) == 2 * n
+    out = _box_stage_copy(ref_out, tmp_path / "out")
+    ds = open_dataset("DIS5K-VD", str(data_root))
+
+    sam, ls = _Counting(sam_seg), _Counting(sam_ls, fail_at=2)  # sam_ls stops in its second image's clicks
+    with pytest.raises(_Interrupted):
+        interactive.evaluate_clicks([sam, ls], [ds], out, **CLICK_KW)
+    assert (sam.images, ls.images) == (n, 2)
+    done = _records(out)
+    assert len(done) == n + 1 and sum(r.startswith("clicks/sam_ls/") for r in done) == 1
+    assert not list((out / "clicks").rglob("*.tmp"))  # nothing half-written
+
+    bars = []
+
+    def progress(iterable, total, desc, enabled=True, initial=0):
+        bars.append((desc, total, initial))
+        return iterable
+
+    sam, ls = _Counting(sam_seg), _Counting(sam_ls)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(loop, "progress", progress)
+        res = interactive.evaluate_clicks([sam, ls], [ds], out, **CLICK_KW)
+    assert (sam.images, sam.refines) == (0, 0)  # every sam image was read back
+    assert ls.images == n - 1 and ls.refines > 0
+    assert [b for b in bars if b[0].endswith(" clicks")] == [("sam clicks", n, n), ("sam_ls clicks", n, 1)]
+    _same_result(res, ref)
+    assert json.loads((out / "clicks" / "per_image.json").read_text()) == json.loads(
+        (ref_out / "clicks" / "per_image.json").read_text())
+
+    # A finished run again: nothing is predicted.
+    sam, ls = _Counting(sam_seg), _Counting(sam_ls)
+    _same_result(interactive.evaluate_clicks([sam, ls], [ds], out, **CLICK_KW), ref)
+    assert sam.images == ls.images == 0
+
+
+def test_click_stage_redoes_unreadable_records(sam_seg, sam_ls, data_root, click_run, tmp_path, caplog):
+    """A truncated or foreign record (a crash mid-write without the rename, a damaged disk) is computed again."""
+    import shutil
+
+    from pisam_jax.evaluation import interactive
+
+    ref_out, ref = click_run
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    ds = open_dataset("DIS5K-VD", str(data_root))
+    truncated = interactive.record_path(out, "sam", ref.subset[0])
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    foreign = interactive.record_path(out, "sam_ls", ref.subset[1])  # another image's record under its name
+    shutil.copy(interactive.record_path(out, "sam_ls", ref.subset[0]), foreign)
+
+    sam, ls = _Counting(sam_seg), _Counting(sam_ls)
+    with caplog.at_level("WARNING"):
+        res = interactive.evaluate_clicks([sam, ls], [ds], out, **CLICK_KW)
+    assert sam.images == ls.images == 1
+    assert sum("unreadable click record" in r.getMessage() for r in caplog.records) == 2
+    _same_result(res, ref)
+
+
+def test_click_stage_other_settings(sam_seg, sam_ls, data_root, click_run, tmp_path):
+    """Other clicks / modes / seed / models: a clear error; another subset size reuses the stored images."""
+    import shutil
+
+    from pisam_jax.evaluation import interactive
+
+    ref_out, ref = click_run
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    ds = open_dataset("DIS5K-VD", str(data_root))
+    cases = [
+        (dict(CLICK_KW, seed=1), "seed: 0 there, 1 now"),
+        (dict(CLICK_KW, clicks=(1, 3)), "clicks: [1, 2] there, [1, 3] now"),
+        (dict(CLICK_KW, modes=("ALL",)), "modes: ['ALL', 'FG', 'BG'] there, ['ALL'] now"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(loop.EvalError, match=r"clicks holds click results made with other settings \(.*"
+                           + message.replace("[", r"\[").replace("]", r"\]")):
+            interactive.evaluate_clicks([sam_seg, sam_ls], [ds], out, **kw)
+    with pytest.raises(loop.EvalError, match="models: "):
+        interactive.evaluate_clicks([sam_seg], [ds], out, **CLICK_KW)
+    assert _records(out) == _records(ref_out)  # nothing was touched
+
+    sam, ls = _Counting(sam_seg), _Counting(sam_ls)
+    res = interactive.evaluate_clicks([sam, ls], [ds], out, **dict(CLICK_KW, n_subset=2))
+    assert sam.images == ls.images == 0 and res.subset == ref.subset[:2]
+    assert res.per_image == [r for r in ref.per_image if r["image"] in res.subset]
+
+    # Other settings in a folder without records (e.g. the first run stopped in the box stage): no error.
+    shutil.rmtree(out / "clicks" / "sam")
+    shutil.rmtree(out / "clicks" / "sam_ls")
+    interactive.check_click_settings(out / "clicks", dict(seed=5))
+    assert json.loads((out / "clicks" / "settings.json").read_text()) == dict(seed=5)
+
+
+def test_metric_state_replay_is_exact(tmp_path):
+    """A MetricSuite rebuilt from stored records equals one fed the masks: every metric, curves included."""
+    from pisam_jax.evaluation import interactive
+    from pisam_jax.evaluation.metrics import METRICS, MetricSuite
+
+    rng = np.random.default_rng(0)
+    direct, replayed = MetricSuite(METRICS), MetricSuite(METRICS)
+    keys = direct.image_state_keys()
+    assert {"fm:changeable_fms", "em:changeable_ems", "wfm:weighted_fms", "hce:hces"} <= set(keys)
+    for i in range(5):
+        gt = (rng.random((40, 56)) < 0.3).astype(np.uint8) * 255
+        pred = rng.integers(0, 256, (40, 56), dtype=np.uint8) if i % 2 else rng.random((40, 56)) < 0.4
+        direct.update(pred, gt, f"im{i}")
+        score, state = interactive._score(METRICS, pred, gt, f"im{i}")
+        path = interactive.record_path(tmp_path, "m", f"d/im{i}")
+        interactive._write_record(path, {"model": "m", "image": f"d/im{i}", "Ori": score}, {"Ori": state}, 7)
+        rec, states = interactive._read_record(path, "m", f"d/im{i}", ["Ori"], keys, 7)
+        replayed.add_image(rec["Ori"], states["Ori"])
+    assert replayed.results() == direct.results()
+    assert replayed.per_image == direct.per_image

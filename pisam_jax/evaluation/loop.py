@@ -109,10 +109,12 @@ def prefetch(fn: Callable, items: Iterable, ahead: int = 2):
             yield result
 
 
-def progress(iterable, total: int, desc: str, enabled: bool = True):
+def progress(iterable, total: int, desc: str, enabled: bool = True, initial: int = 0):
+    """A tqdm bar over ``iterable``; ``initial``: items already done before it (a resumed run)."""
     from tqdm import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, unit="img", disable=not enabled, dynamic_ncols=True,
+                initial=initial)
 
 
 @dataclasses.dataclass

@@ -234,6 +234,38 @@ class MetricSuite:
         self.per_image.append(rec)
         return rec
 
+    def image_state(self, index: int = -1) -> dict[str, np.ndarray]:
+        """What ``update`` accumulated for one image, to be stored and given back to ``add_image``.
+
+        Each pysodmetrics accumulator appends one number or array per image to its lists and
+        ``results`` averages them, so these items (with the per-image record) are the image's whole
+        contribution: ``{"fm:changeable_fms": array, ...}``.
+        """
+        state = {}
+        for k, items in self._accumulators().items():
+            state[k] = np.asarray(items[index])
+            if state[k].dtype.kind not in "biuf":
+                raise RuntimeError(f"metric accumulator {k} does not hold a number or array per image")
+        return state
+
+    def add_image(self, record: dict, state: dict[str, np.ndarray]) -> None:
+        """Adds an image scored elsewhere (its ``update`` record and ``image_state``), exactly as ``update`` did."""
+        lists = self._accumulators()
+        if sorted(lists) != sorted(state):
+            raise ValueError(f"stored metric state {sorted(state)} does not fit this suite's {sorted(lists)}")
+        for k, items in lists.items():
+            items.append(state[k])
+        self.per_image.append(record)
+
+    def image_state_keys(self) -> list[str]:
+        """The keys of ``image_state``, known before any image is scored."""
+        return sorted(self._accumulators())
+
+    def _accumulators(self) -> dict[str, list]:
+        """The per-image lists of the pysodmetrics accumulators, keyed ``"<metric>:<attribute>"``."""
+        return {f"{name}:{attr}": v for name, acc in self._sod.items() for attr, v in vars(acc).items()
+                if isinstance(v, list)}
+
     def results(self) -> dict[str, float]:
         """Dataset scores as plain floats, plus ``num_images`` (and ``num_mba_undefined``)."""
         if not self.per_image:

@@ -18,6 +18,10 @@ Fields (override any with ``--config.<field>=value``):
   cache_embeddings      reuse the frozen encoder's outputs per image (needs data.augment=False)
   checkpoint.*          every_steps, keep (latest N), async
   log_every_steps       JSONL + TensorBoard + progress bar postfix
+  log_images_every      every this many steps, TensorBoard panels image | ground truth | prediction of a fixed set
+                        of training images (training/samples.py); 0 off
+  log_images_count      how many (the first images of data.datasets)
+  log_images_size       each tile at most this many px on its long side
   distributed           call jax.distributed.initialize (coordinator from the fields below or the environment)
   debug.nan_at_step     inject a NaN loss at this step (tests the NaN guard); -1 off
 """
@@ -60,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
 
     c.log_every_steps = 20
+    c.log_images_every = 1000
+    c.log_images_count = 4
+    c.log_images_size = 256
     c.progress = True
 
     c.distributed = False

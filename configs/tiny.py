@@ -39,4 +39,6 @@ def get_config(arg: str = "stage1"):
     c.checkpoint.every_steps = 25
     c.checkpoint.keep = 2
     c.log_every_steps = 5
+    c.log_images_every = 25
+    c.log_images_count = 2
     return c

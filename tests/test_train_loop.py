@@ -1,6 +1,6 @@
 """End-to-end training with ``train.py`` on the tiny recipe (configs/tiny.py): resume after SIGKILL equals an
-uninterrupted run, stage 1 -> stage 2, the export loads, the NaN guard, user errors, 8 devices = 1 device,
-and two processes with ``jax.distributed``.
+uninterrupted run, stage 1 -> stage 2, the export loads, sample predictions in TensorBoard, the NaN guard, user
+errors, 8 devices = 1 device, and two processes with ``jax.distributed``.
 
 Every run is a subprocess (as a user runs it). They share one persistent XLA compilation cache, so only the
 first run pays for compiling the model.
@@ -74,10 +74,12 @@ def ckpt_steps(workdir):
 
 @pytest.fixture(scope="session")
 def stage1_run(tmp_path_factory, cache_dir, data_root, tiny_sam):
-    """An uninterrupted 6-step stage-1 run from a converted (tiny, random) SAM, checkpoints every 2 steps."""
+    """An uninterrupted 6-step stage-1 run from a converted (tiny, random) SAM, checkpoints every 2 steps, sample
+    predictions of 2 images every 3 steps (the SIGKILL test resumes without them: they must not change training)."""
     workdir = tmp_path_factory.mktemp("stage1") / "run"
     proc = run_train(TINY1, workdir, cache_dir, data_root, "--config.max_steps=6",
-                     "--config.checkpoint.every_steps=2", f"--config.init_from={tiny_sam[2]}")
+                     "--config.checkpoint.every_steps=2", f"--config.init_from={tiny_sam[2]}",
+                     "--config.log_images_every=3", "--config.log_images_count=2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir
 
@@ -104,6 +106,24 @@ def test_stage1_runs_checkpoints_and_exports(stage1_run, tiny_sam):
     assert set(sam) < set(pi)
     for p in sam:
         np.testing.assert_array_equal(np.asarray(pi[p].get_value()), np.asarray(sam[p].get_value()), err_msg=str(p))
+
+
+def test_stage1_writes_sample_predictions(stage1_run):
+    from tests.test_train_samples import read_images, split_panel
+
+    images = read_images(stage1_run / "tensorboard")
+    assert sorted(images) == [("samples/0", 3), ("samples/0", 6), ("samples/1", 3), ("samples/1", 6)]
+    for i in (0, 1):
+        a, b = images[(f"samples/{i}", 3)], images[(f"samples/{i}", 6)]
+        assert a.shape == b.shape and a.shape[0] <= 256 and a.shape[1] <= 3 * 256 + 8  # tiles <= 256 px (256 model)
+        (img_a, gt_a, pred_a), (img_b, gt_b, _) = split_panel(a), split_panel(b)
+        np.testing.assert_array_equal(img_a, img_b)  # the same samples at every step
+        np.testing.assert_array_equal(gt_a, gt_b)
+        assert gt_a.max() == 255 and gt_a.min() == 0
+        assert set(np.unique(pred_a)) <= {0, 255}  # tiles are at the model's 256 px: no downscaling, binary
+    # the current parameters predict: three optimiser steps change the masks
+    assert any(not np.array_equal(split_panel(images[(f"samples/{i}", 3)])[2],
+                                  split_panel(images[(f"samples/{i}", 6)])[2]) for i in (0, 1))
 
 
 @pytest.mark.heavy
@@ -145,10 +165,13 @@ def test_stage2_from_stage1_workdir(stage1_run, tmp_path, cache_dir, data_root):
 
     workdir = tmp_path / "stage2"
     proc = run_train(TINY2, workdir, cache_dir, data_root, f"--config.init_from={stage1_run}",
-                     "--config.max_steps=2", "--config.checkpoint.every_steps=2")
+                     "--config.max_steps=2", "--config.checkpoint.every_steps=2", "--config.log_images_every=2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = losses_of(workdir)
     assert sorted(records) == [1, 2]
+    from tests.test_train_samples import read_images
+
+    assert sorted(read_images(workdir / "tensorboard")) == [("samples/0", 2), ("samples/1", 2)]  # tiny: 2 samples
     assert {"bce_1024", "dice_1024", "valid_fraction", "host_fraction"} <= set(records[2])
     exported = load_model(workdir / "export")
     assert exported.config.interactor
@@ -225,6 +248,7 @@ def test_two_processes_train_and_checkpoint(tmp_path, cache_dir, data_root):
     for i in range(2):
         args = _args(TINY1, workdir, cache_dir, data_root, "--config.max_steps=2",
                      "--config.checkpoint.every_steps=2", "--config.distributed=True",
+                     "--config.log_images_every=2", "--config.log_images_count=1",  # 1 sample, padded to 2 rows
                      f"--config.coordinator_address=localhost:{port}", "--config.num_processes=2",
                      f"--config.process_id={i}")
         procs.append(subprocess.Popen(args, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
@@ -244,6 +268,9 @@ def test_two_processes_train_and_checkpoint(tmp_path, cache_dir, data_root):
     data_files = sorted(f.name for f in (workdir / "checkpoints" / "2" / "data").iterdir())
     assert any("process_0" in f for f in data_files) and any("process_1" in f for f in data_files), data_files
     assert sorted(losses_of(workdir)) == [1, 2]  # process 0 writes the metrics
+    from tests.test_train_samples import read_images
+
+    assert sorted(read_images(workdir / "tensorboard")) == [("samples/0", 2)]  # ... and the sample panels, once
     assert not (workdir / "export").exists()  # multi-host: export afterwards with the checkpoints module
     proc = subprocess.run([sys.executable, "-m", "pisam_jax.training.checkpoints", str(workdir), str(tmp_path / "exp")],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)

@@ -4,7 +4,8 @@
 writes; other processes get a writer that does nothing.
 
     WORKDIR/metrics.jsonl       one JSON object a logged step: {"step": 20, "loss": ..., "learning_rate": ...}
-    WORKDIR/tensorboard/        event files: ``tensorboard --logdir WORKDIR/tensorboard``
+    WORKDIR/tensorboard/        event files: ``tensorboard --logdir WORKDIR/tensorboard`` (scalars, and the
+                                sample-prediction panels ``samples/<i>`` of ``training.samples``)
 
 On resume the JSONL is cut back to the restored step, so it always reads as one uninterrupted run.
 """
@@ -75,9 +76,14 @@ class MetricWriter:
                 if isinstance(v, (int, float)) and math.isfinite(float(v)):
                     self._tb.add_scalar(k, float(v), int(step))
 
+    @property
+    def writes_images(self) -> bool:
+        """Whether :meth:`image` writes anything (process 0 with tensorboardX): else skip composing images."""
+        return self.enabled and self._tb is not None
+
     def image(self, step: int, tag: str, image) -> None:
-        """An (H, W, 3) uint8 image to TensorBoard (sample predictions)."""
-        if self.enabled and self._tb is not None:
+        """An (H, W, 3) uint8 image to TensorBoard (sample predictions, ``training.samples``)."""
+        if self.writes_images:
             self._tb.add_image(tag, image, int(step), dataformats="HWC")
 
     def close(self) -> None:

@@ -16,6 +16,10 @@ its own shard of the data (``batch_size / process_count`` rows a step). Everythi
 (seed, step): the loss points (``fold_in(key, step)``), the clicks (numpy ``default_rng((seed, step,
 process))``) and the data (grain, whose iterator state is checkpointed), so a resumed run repeats an
 uninterrupted one exactly.
+
+Every ``log_images_every`` steps, ``training.samples`` predicts a fixed set of training images with the current
+parameters (its own jitted forward, outside the train step) and writes image | ground truth | prediction panels
+to TensorBoard; it reads no training data and draws no training randomness, so it does not change the run.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from pisam_jax.modeling.pi_decoder import PiBase
 from pisam_jax.models import ImageFeatures, ModelConfig
 from pisam_jax.training import checkpoints as ckpt_lib
 from pisam_jax.training import logging as log_lib
-from pisam_jax.training import losses, trainable
+from pisam_jax.training import losses, samples, trainable
 from pisam_jax.training import step as step_lib
 
 PIXEL_MEAN = np.asarray([123.675, 116.28, 103.53], np.float32)
@@ -93,6 +97,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     if config.num_epochs <= 0:
         raise UsageError(f"config.num_epochs must be positive, got {config.num_epochs}")
+    if config.log_images_every < 0:
+        raise UsageError(f"config.log_images_every must be >= 0 (0: no sample images), got {config.log_images_every}")
+    if config.log_images_every and config.log_images_count <= 0:
+        raise UsageError(f"config.log_images_count must be positive, got {config.log_images_count}")
+    if config.log_images_every and not 16 <= config.log_images_size <= 1024:
+        raise UsageError(f"config.log_images_size must be in [16, 1024] px, got {config.log_images_size}")
     model_overrides(config)
 
 
@@ -431,6 +441,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
     base_fn = make_stage2_base(graphdef, mesh) if stage == 2 else None
     params_finite = jax.jit(step_lib.all_finite)
     cache = EmbeddingCache() if config.cache_embeddings else None
+    images_every = int(config.log_images_every)
+    sample_logger = None
+    if images_every:  # off: nothing read, nothing compiled
+        sample_logger = samples.SampleLogger(
+            graphdef, mesh, samples.fixed_samples(datasets, config.log_images_count, model_config.image_size),
+            stage=stage, seed=config.seed, size=config.log_images_size)
     base_key = jax.random.key(config.seed)
     nan_step = int(config.debug.nan_at_step)
 
@@ -502,6 +518,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
             if done % config.log_every_steps == 0 or done == total_steps:
                 writer.write(done, dict(metrics, loss_avg=float(np.mean(window))))
                 window = []
+            if sample_logger is not None and done % images_every == 0:  # every process: the forward is SPMD
+                sample_logger.log(done, train_state, frozen_state, writer)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('learning_rate', lr):.2e}")
             if done % config.checkpoint.every_steps == 0 or done == total_steps:

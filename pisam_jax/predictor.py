@@ -151,8 +151,8 @@ class Predictor:
             multimask_output=multimask_output,
             hq_token_only=bool(hq_token_only),
         )
-        masks = np.asarray(self._upsample(low_res[0]))
-        return (masks if return_logits else masks > 0.0), np.asarray(scores[0]), np.asarray(low_res[0])
+        masks = np.asarray(self._upsample(low_res))
+        return (masks if return_logits else masks > 0.0), np.asarray(scores), np.asarray(low_res)
 
     def _predict_pi(self, boxes: np.ndarray, return_logits: bool):
         boxes = transforms.apply_boxes(self._check_boxes(boxes), self.original_size, self.image_size)[None]
@@ -242,9 +242,12 @@ class Predictor:
 
 
 def _decode(graphdef, state, features, points, boxes, masks, *, multimask_output, hq_token_only):
-    """Prompt encoder + mask decoder for one batch of prompts: (scores, low-res logits)."""
+    """Prompt encoder + mask decoder for the prompts of one image: scores (P, C), low-res logits (P, C, h, w).
+
+    The image axis is dropped inside the jit: indexing its outputs outside costs an op dispatch each.
+    """
     low_res, scores = nnx.merge(graphdef, state).decode(
         features, points=points, boxes=boxes, masks=masks,
         multimask_output=multimask_output, hq_token_only=hq_token_only,
     )  # fmt: skip
-    return scores, low_res
+    return scores[0], low_res[0]

@@ -15,7 +15,14 @@ from flax import nnx
 from segment_anything.modeling.common import LayerNorm2d as TorchLayerNorm2d
 
 from convert.keymap import load_torch_weights, torch_names
-from pisam_jax.modeling.interactor import BlockTargetGenerator, PointInteract, point_sample
+from pisam_jax.modeling.interactor import (
+    BlockTargetGenerator,
+    PointInteract,
+    attend_to_image,
+    attend_to_tokens,
+    point_sample,
+)
+from pisam_jax.modeling.transformer import Attention
 from tests import pisam_reference_interactor as ref_mod
 from tests.parity import assert_close
 
@@ -245,6 +252,21 @@ def test_padding_mask_is_the_reference_with_b6_fixed(small):
     diff = np.abs(published - fixed).max()
     print(f"B6: reference with vs without the final mask differ by up to {diff:.3e}")
     assert diff > 1e-3
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_reassociated_attentions_are_attention(heads):
+    """The interactor's pixel<->token attentions are :class:`Attention` with the projections moved (masks too)."""
+    attn = Attention(32, heads, rngs=nnx.Rngs(heads))
+    rng = np.random.default_rng(heads)
+    image = jnp.asarray(rng.standard_normal((2, 300, 32), dtype=np.float32))
+    tokens = jnp.asarray(rng.standard_normal((2, 6, 32), dtype=np.float32))
+    mask = jnp.asarray([[False] * 4 + [True] * 2, [False] * 6])
+    for key_mask in (None, mask):
+        assert_close(f"image -> tokens ({heads} heads, mask {key_mask is not None})",
+                     attend_to_tokens(attn, image, tokens, key_mask), attn(image, tokens, tokens, key_mask), rtol=1e-5)
+    assert_close(f"tokens -> image ({heads} heads)", attend_to_image(attn, tokens, image), attn(tokens, image, image),
+                 rtol=1e-5)
 
 
 @pytest.mark.parametrize("hw", [(7, 9), (256, 256)])

@@ -22,6 +22,7 @@ from flax import nnx
 
 from convert.keymap import ConversionError, torch_names
 from convert.pisam import RGB_FINGERPRINTS, check_rgb_fingerprints, convert_pisam, seed42_rgb_embed
+from pisam_jax.modeling import pi_decoder
 from pisam_jax.models import ModelConfig, abstract_model, load_model
 from tests.parity import assert_close
 from tests.pisam_reference import (
@@ -226,6 +227,33 @@ def test_large_logits_match_with_clicks(torch_outputs, jax_outputs):
     assert np.abs(ref - torch_outputs["large"]).max() > 1e-2 * np.abs(ref).max(), "the clicks changed nothing"
     assert_close("pred_masks_large 1024^2, 3 fg + 2 bg clicks", jax_outputs["large_clicks"], ref, rtol=1e-4)
     assert_close("padded clicks", jax_outputs["large_padded"], jax_outputs["large_clicks"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("band_rows", [64, 1024])
+def test_head_bands_are_the_layer_by_layer_head(setup, monkeypatch, band_rows):
+    """The HR head's functional forward (bands of output rows on CPU, one band elsewhere) is its modules applied in
+    turn, for a batch sharing one RGB embedding; so are its gradients (the head trains in both stages)."""
+    monkeypatch.setattr(pi_decoder, "HEAD_BAND_ROWS", band_rows)
+    graphdef, state = nnx.split(load_model(setup["stage2"]).mask_decoder)
+    rng = np.random.default_rng(7)
+    e = jnp.asarray(rng.standard_normal((2, 256, 256, 32), dtype=np.float32))
+    rgb = jnp.asarray(rng.standard_normal((1, 1024, 1024, 8), dtype=np.float32))
+
+    def banded(state, e):
+        return nnx.merge(graphdef, state).head(e, rgb)
+
+    def layers(state, e):
+        d = nnx.merge(graphdef, state)
+        return d.out_act(d.output_upscaling_2(e) + rgb).transpose(0, 3, 1, 2)
+
+    assert_close("banded head", jax.jit(banded)(state, e), jax.jit(layers)(state, e), rtol=1e-5)
+    def grads(f):  # w.r.t. the decoder's state and E
+        return jax.jit(jax.grad(lambda s, e: jnp.mean(jnp.tanh(f(s, e))), argnums=(0, 1)))(state, e)
+
+    leaves = jax.tree_util.tree_leaves_with_path(grads(banded))
+    for (path, got), expected in zip(leaves, jax.tree_util.tree_leaves(grads(layers)), strict=True):
+        if np.abs(expected).max() > 0:  # the parameters outside the head get none
+            assert_close(f"d/d{jax.tree_util.keystr(path)}", got, expected, rtol=1e-5)
 
 
 def test_stage1_model_is_stage2_without_the_interactor_and_refuses_clicks(setup):

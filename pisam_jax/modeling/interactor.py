@@ -15,9 +15,15 @@ Decisions (spec D3, D5, D6):
   * the values of token->image attention include the image PE, as the reference (B7);
   * ``img_pe`` is kept in the checkpoint's layout (C, H, W) and transposed in the forward,
     so the converter's identity rule for buffers holds.
+
+The attentions between the 65536 pixels and the few tokens are computed reassociated (same maths, fp32
+rounding differences only): :func:`attend_to_tokens` and :func:`attend_to_image` apply the per-pixel C x C
+projections to the tokens instead of the pixels.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +70,47 @@ def point_sample(features: jax.Array, points: jax.Array) -> jax.Array:
     return out
 
 
+def attend_to_tokens(attn: Attention, image: jax.Array, tokens: jax.Array,
+                     key_mask: jax.Array | None = None) -> jax.Array:
+    """``attn(image, tokens, tokens, key_mask)``: many queries (the pixels), few keys (the tokens).
+
+    q_proj is folded into the keys and out_proj into the values, so a pixel costs two thin matmuls
+    (C -> T logits, T -> C output) instead of two C x C projections on top.
+    image (B, N, C), tokens (B, T, C), key_mask (B, T) True = masked, as :class:`Attention` -> (B, N, C).
+    """
+    h = attn.num_heads
+    wq = attn.q_proj.kernel[...]
+    c, d = wq.shape[0], wq.shape[1] // h
+    k = attn.k_proj(tokens).reshape(*tokens.shape[:2], h, d) / math.sqrt(d)
+    v = attn.v_proj(tokens).reshape(*tokens.shape[:2], h, d)
+    wk = jnp.einsum("chd,bthd->bcht", wq.reshape(c, h, d), k)  # (B, C, h, T)
+    bk = jnp.einsum("hd,bthd->bht", attn.q_proj.bias[...].reshape(h, d), k)
+    logits = jnp.einsum("bnc,bcht->bhnt", image, wk) + bk[:, :, None]
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], jnp.finfo(logits.dtype).min, logits)
+    vo = jnp.einsum("bthd,hdc->bhtc", v, attn.out_proj.kernel[...].reshape(h, d, -1))  # (B, h, T, C)
+    return jnp.einsum("bhnt,bhtc->bnc", jax.nn.softmax(logits, axis=-1), vo) + attn.out_proj.bias[...]
+
+
+def attend_to_image(attn: Attention, tokens: jax.Array, image: jax.Array) -> jax.Array:
+    """``attn(tokens, image, image)``: few queries (the tokens), many keys = values (the pixels).
+
+    k_proj is folded into the queries, and v_proj is applied after the weighted sum over the pixels (the
+    weights of a query sum to 1, so its bias passes through).
+    tokens (B, T, C), image (B, N, C) -> (B, T, C).
+    """
+    h = attn.num_heads
+    wk = attn.k_proj.kernel[...]
+    c, d = wk.shape[0], wk.shape[1] // h
+    q = attn.q_proj(tokens).reshape(*tokens.shape[:2], h, d) / math.sqrt(d)
+    qk = jnp.einsum("bthd,chd->bhtc", q, wk.reshape(c, h, d))
+    qb = jnp.einsum("bthd,hd->bht", q, attn.k_proj.bias[...].reshape(h, d))
+    weights = jax.nn.softmax(jnp.einsum("bhtc,bnc->bhtn", qk, image) + qb[..., None], axis=-1)
+    mixed = jnp.einsum("bhtn,bnc->bhtc", weights, image)
+    v = jnp.einsum("bhtc,chd->bthd", mixed, attn.v_proj.kernel[...].reshape(c, h, d))
+    return attn.out_proj((v + attn.v_proj.bias[...].reshape(h, d)).reshape(*tokens.shape[:2], h * d))
+
+
 class TwoWayAttentionBlockNew(nnx.Module):
     """Image->token attention, conv-MLP on the image, token->image attention; residual + LN after each."""
 
@@ -88,13 +135,13 @@ class TwoWayAttentionBlockNew(nnx.Module):
         """image (B, H, W, C) query stream, tokens (B, N, C), image_pe (1|B, H, W, C), key_mask (B, N)."""
         b, h, w, c = image.shape
         q = (image + image_pe).reshape(b, h * w, c)
-        out = self.cross_attn_image_to_token(q, tokens, tokens, key_mask)
+        out = attend_to_tokens(self.cross_attn_image_to_token, q, tokens, key_mask)
         image = self.norm1(image + out.reshape(b, h, w, c))
 
         image = self.norm2(image + self.mlp(image))
 
         kv = (image + image_pe).reshape(b, h * w, c)
-        tokens = self.norm3(tokens + self.cross_attn_token_to_image(tokens, kv, kv))  # B7: v includes the PE
+        tokens = self.norm3(tokens + attend_to_image(self.cross_attn_token_to_image, tokens, kv))  # B7: v has the PE
         return image, tokens
 
 
@@ -121,7 +168,7 @@ class TwoWayTransformerNew(nnx.Module):
             image, tokens = layer(image, tokens, image_pe, key_mask)
         b, h, w, c = image.shape
         q = (image + image_pe).reshape(b, h * w, c)
-        out = self.final_attn_image_to_token(q, tokens, tokens, key_mask)
+        out = attend_to_tokens(self.final_attn_image_to_token, q, tokens, key_mask)
         return self.norm_final_attn(image + out.reshape(b, h, w, c))
 
 

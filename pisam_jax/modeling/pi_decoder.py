@@ -20,14 +20,21 @@ The forward is split by cost, so that clicks re-run only what they change:
 
 NHWC inside; mask logits are channel-first (B, 1, h, w), SAM's output contract. The batch is the prompt axis
 (one box per row), as in the reference.
+
+The HR head runs on every click, so it has its own functional forward (the modules only hold its parameters),
+written for XLA:CPU, where the plain layer-by-layer form spends most of its time on 1024^2 x 8 tensors: it runs in
+bands of output rows (see :meth:`MaskDecoderPi.head`), its LayerNorms take their means as matrix-vector products
+and its last conv (8 -> 1) is one small matmul plus shifted sums. Same maths, fp32 rounding differences only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pisam_jax.modeling.common import Conv2d, ConvTranspose2x2, LayerNorm2d, Sequential, gelu
@@ -36,6 +43,47 @@ from pisam_jax.modeling.hq_decoder import MaskDecoderHQ
 from pisam_jax.modeling.interactor import PointInteract
 
 RGB_EMBED_DIM = 8
+
+# On XLA:CPU the HR head runs in bands of this many output rows: a band's intermediates stay in cache and are
+# reused, whereas whole-image ones are fresh 32 MiB buffers whose page faults cost as much as the maths.
+HEAD_BAND_ROWS = 64
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU in torch's form, x (1 + erf(x / sqrt 2)) / 2; XLA:CPU runs it ~2.5x faster than the erfc form
+    of ``jax.nn.gelu``."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(math.sqrt(0.5))))
+
+
+def _layer_norm(ln: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+    """``ln`` over the last axis with torch's maths (the mean, then the mean of squared deviations).
+
+    Both means are matrix-vector products: XLA:CPU reduces a minor axis of 8 or 16 several times slower.
+    """
+    avg = jnp.full((x.shape[-1],), 1.0 / x.shape[-1], x.dtype)
+    y = x - jnp.matmul(x, avg, precision="highest")[..., None]
+    var = jnp.matmul(y * y, avg, precision="highest")[..., None]
+    return y * (jax.lax.rsqrt(var + ln.epsilon) * ln.scale[...]) + ln.bias[...]
+
+
+def _conv_band(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """A 3x3 ``conv`` (padding 1) on a band that carries its row above and below: (B, R + 2, W, Ci) -> (B, R, W, Co)."""
+    y = jax.lax.conv_general_dilated(x, conv.kernel[...], (1, 1), ((0, 0), (1, 1)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + conv.bias[...]
+
+
+def _conv_band_to_one(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """:func:`_conv_band` for a conv with one output channel: (B, R + 2, W, C) -> (B, R, W).
+
+    XLA:CPU's convolution is slow with one output channel: instead one small matmul gives each of the 9 taps'
+    contribution as a plane, and the planes are summed shifted.
+    """
+    _, r, w, c = x.shape
+    taps = jnp.einsum("nhwc,tc->nthw", x, conv.kernel[...][..., 0].reshape(9, c))  # tap t = 3 dy + dx
+    taps = jnp.pad(taps, ((0, 0), (0, 0), (0, 0), (1, 1)))
+    out = sum(taps[:, 3 * dy + dx, dy:dy + r - 2, dx:dx + w] for dy in range(3) for dx in range(3))
+    return out + conv.bias[...][0]
 
 
 @dataclasses.dataclass
@@ -167,9 +215,45 @@ class MaskDecoderPi(MaskDecoderHQ):
     # -- per click set ---------------------------------------------------------------------
 
     def head(self, embedding: jax.Array, rgb: jax.Array) -> jax.Array:
-        """Step F: E (B, 256, 256, 32) and the RGB embedding (B or 1, 1024, 1024, 8) -> logits (B, 1, 1024, 1024)."""
-        x = self.output_upscaling_2(embedding) + rgb
-        return self.out_act(x).transpose(0, 3, 1, 2)
+        """Step F: E (B, 256, 256, 32) and the RGB embedding (B or 1, 1024, 1024, 8) -> logits (B, 1, 1024, 1024).
+
+        On CPU in bands of ``HEAD_BAND_ROWS`` output rows (elsewhere one band). The two 3x3 convs need two more
+        rows each side, so a band upscales one more row of E each side (4 output rows) and zeroes the rows that
+        fall outside the image before each conv, as its zero padding would.
+        """
+        b, h, w, _ = embedding.shape
+        height = 4 * h
+        band = HEAD_BAND_ROWS if jax.default_backend() == "cpu" and height % HEAD_BAND_ROWS == 0 else height
+        ln1, conv1, ln2, _, conv2 = self.out_act
+        padded = jnp.pad(embedding, ((0, 0), (1, 1), (0, 0), (0, 0)))
+
+        def rows(i):  # -> logits rows [i * band, (i + 1) * band), (B, band, 4w)
+            e = jax.lax.dynamic_slice_in_dim(padded, i * (band // 4), band // 4 + 2, axis=1)
+            y = i * band - 2 + jnp.arange(band + 4)  # the image rows of x
+            x = self._hr_upscale(e)[:, 2:-2] + jnp.take(rgb, jnp.clip(y, 0, height - 1), axis=1)
+            inside = ((y >= 0) & (y < height))[:, None, None]
+            x = _conv_band(conv1, jnp.where(inside, _layer_norm(ln1, x), 0.0))
+            x = jnp.where(inside[1:-1], _gelu(_layer_norm(ln2, x)), 0.0)
+            return _conv_band_to_one(conv2, x)
+
+        out = rows(0)[None] if band == height else jax.lax.map(rows, jnp.arange(height // band))
+        return out.transpose(1, 0, 2, 3).reshape(b, 1, height, 4 * w)
+
+    def _hr_upscale(self, embedding: jax.Array) -> jax.Array:
+        """``output_upscaling_2``: (B, h, w, 32) -> (B, 4h, 4w, 8).
+
+        Everything up to the last transposed conv is per E pixel, and each E pixel owns a 4x4 block of the output:
+        two plain matmuls, then one interleave of the blocks.
+        """
+        t1, ln, _, t2 = self.output_upscaling_2
+        b, h, w, c = embedding.shape
+        c1, c2 = t1.kernel.shape[-1], t2.kernel.shape[-1]
+        y = embedding.reshape(-1, c) @ t1.kernel[...].reshape(c, -1)  # (B h w, (a1, b1, c1))
+        y = _gelu(_layer_norm(ln, y.reshape(-1, c1) + t1.bias[...]))
+        y = (y @ t2.kernel[...].reshape(c1, -1)).reshape(b, h, w, 2, 2, 2, 2, c2)  # (..., a1, b1, a2, b2, c2)
+        # Output pixel (4i + 2 a1 + a2, 4j + 2 b1 + b2).
+        y = y.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, 4 * h, 4 * w, c2)
+        return y + t2.bias[...]
 
     def refine(
         self,

@@ -14,21 +14,21 @@ The image encoder is not run: both predictors get the same random image features
 The first call checks that the low-res logits agree.
 
 Timing: median wall time of ``--repeats`` calls after a warm-up (ours: the warm-up compiles, its
-time is ``compile_s``); torch under ``torch.inference_mode`` with ``torch.set_num_threads(os.cpu_count())``.
+time is ``compile_s``); torch under ``torch.inference_mode``, on the GPU when there is one
+(``bench.encoder.torch_device``). Both sides bring the results to the host, as a user's call does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.encoder import _device, median_seconds
+from bench.encoder import _device, median_seconds, torch_device, torch_synced
 
 ORIGINAL_SIZE = (768, 1024)  # a 4:3 landscape photo: resized to 768x1024, padded to 1024
 
@@ -51,7 +51,7 @@ def _models(model_type: str, decoder: str):
     return ref, ours
 
 
-def _set_features(ours, ref, config, rng) -> None:
+def _set_features(ours, ref, config, rng, device: str) -> None:
     """Gives both predictors the same random image features, as ``set_image`` would leave them."""
     import torch
 
@@ -65,8 +65,8 @@ def _set_features(ours, ref, config, rng) -> None:
     ours.features = jax.device_put(ImageFeatures(jnp.asarray(emb), tuple(jnp.asarray(x) for x in interm)))
     ours.original_size, ours.input_size = ORIGINAL_SIZE, input_size
     ref.reset_image()
-    ref.features = torch.from_numpy(emb.transpose(0, 3, 1, 2).copy())
-    ref.interm_features = [torch.from_numpy(x) for x in interm]  # HQ-SAM's predictor reads these
+    ref.features = torch.from_numpy(emb.transpose(0, 3, 1, 2).copy()).to(device)
+    ref.interm_features = [torch.from_numpy(x).to(device) for x in interm]  # HQ-SAM's predictor reads these
     ref.original_size, ref.input_size, ref.is_image_set = ORIGINAL_SIZE, input_size, True
 
 
@@ -80,11 +80,11 @@ def bench_decoder(args, decoder: str) -> dict:
     else:
         from segment_anything import SamPredictor
 
-    torch.set_num_threads(os.cpu_count())
+    device = torch_device()
     ref_model, model = _models(args.model_type, decoder)
-    ours, ref = Predictor(model), SamPredictor(ref_model)
+    ours, ref = Predictor(model), SamPredictor(ref_model.to(device))
     rng = np.random.default_rng(0)
-    _set_features(ours, ref, model.config, rng)
+    _set_features(ours, ref, model.config, rng, device)
     h, w = ORIGINAL_SIZE
     x0, y0 = rng.uniform(0, [w / 2, h / 2], (args.prompts, 2)).T
     boxes = np.stack([x0, y0, x0 + w / 3, y0 + h / 3], axis=1).astype(np.float32)
@@ -94,12 +94,13 @@ def bench_decoder(args, decoder: str) -> dict:
             return ours.predict(box=boxes[0], multimask_output=False)
         return ours.predict_batch(boxes=boxes, multimask_output=False)
 
+    @torch_synced
     def run_torch():
         with torch.inference_mode():
             if args.prompts == 1:
                 return ref.predict(box=boxes[0], multimask_output=False)
-            t_boxes = ref.transform.apply_boxes_torch(torch.from_numpy(boxes), ORIGINAL_SIZE)
-            return ref.predict_torch(None, None, t_boxes, multimask_output=False)
+            t_boxes = ref.transform.apply_boxes_torch(torch.from_numpy(boxes).to(device), ORIGINAL_SIZE)
+            return [x.cpu().numpy() for x in ref.predict_torch(None, None, t_boxes, multimask_output=False)]
 
     torch_low = np.asarray(run_torch()[2])  # also the warm-up
     torch_s = median_seconds(run_torch, args.repeats)
@@ -116,6 +117,7 @@ def bench_decoder(args, decoder: str) -> dict:
         "original_size": list(ORIGINAL_SIZE),
         "dtype": "float32",
         "device": _device(),
+        "torch_device": device,
         "repeats": args.repeats,
         "compile_s": round(compile_s, 2),
         "ours_ms": round(1e3 * ours_s, 2),

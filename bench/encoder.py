@@ -8,7 +8,8 @@ the first run checks that the outputs agree.
 
 Timing: median wall time of ``--repeats`` calls after one warm-up call (ours: the warm-up follows
 an explicit ``lower().compile()``, whose time is reported as ``compile_s``). Torch runs under
-``torch.inference_mode`` with ``torch.set_num_threads(os.cpu_count())``.
+``torch.inference_mode``, on the GPU when there is one (else with ``torch.set_num_threads(os.cpu_count())``),
+TF32 off on both sides (see ``torch_device``).
 
 Memory, two figures:
   * ``peak_rss_mib``: for each side, the rise of the process's peak resident set over one forward
@@ -91,6 +92,33 @@ def _device() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', '')}, {os.cpu_count()} cpu cores"
 
 
+def torch_device() -> str:
+    """Where the PyTorch side runs: the GPU when there is one (as JAX does), else every CPU core.
+
+    True fp32 on both sides: TF32 is off for torch's matmuls and cuDNN convolutions, as JAX runs with
+    ``jax_default_matmul_precision="highest"``.
+    """
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_synced(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` followed by a CUDA synchronise, so that wall time covers the GPU work (a no-op on CPU)."""
+    import torch
+
+    def run():
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
 # --------------------------------------------------------------------------------------
 # Cases
 # --------------------------------------------------------------------------------------
@@ -106,7 +134,7 @@ def bench_encoder(args) -> dict:
     from pisam_jax.modeling.image_encoder import ENCODER_CONFIGS, ImageEncoderViT
 
     cfg = dict(img_size=args.img_size, window_size=14, **ENCODER_CONFIGS[args.model_type])
-    torch.set_num_threads(os.cpu_count())
+    device = torch_device()
     torch.manual_seed(0)
     ref = TorchEncoder(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, **cfg).eval()
     with torch.no_grad():  # the reference zero-initialises these; random values make the check meaningful
@@ -116,6 +144,7 @@ def bench_encoder(args) -> dict:
 
     ours = nnx.eval_shape(lambda: ImageEncoderViT(**cfg, rngs=nnx.Rngs(0)))
     load_torch_weights(ours, ref.state_dict())
+    ref.to(device)
     graphdef, state = nnx.split(ours)
     state = jax.device_put(state)
 
@@ -125,9 +154,10 @@ def bench_encoder(args) -> dict:
 
     rng = np.random.default_rng(0)
     image = rng.standard_normal((args.batch, args.img_size, args.img_size, 3), dtype=np.float32)
-    image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy())
+    image_t = torch.from_numpy(image.transpose(0, 3, 1, 2).copy()).to(device)
     image_j = jax.device_put(image)
 
+    @torch_synced
     def run_torch():
         with torch.inference_mode():
             return ref(image_t)
@@ -138,7 +168,7 @@ def bench_encoder(args) -> dict:
     # Torch first, while the process holds no XLA buffers.
     torch_peak = peak_rss_rise_mib(run_torch)  # also the warm-up
     torch_s = median_seconds(run_torch, args.repeats)
-    y_ref = run_torch().numpy().transpose(0, 2, 3, 1)
+    y_ref = run_torch().cpu().numpy().transpose(0, 2, 3, 1)
 
     t0 = time.perf_counter()
     compiled = encode.lower(state, image_j).compile()
@@ -155,6 +185,7 @@ def bench_encoder(args) -> dict:
         "batch": args.batch,
         "dtype": "float32",
         "device": _device(),
+        "torch_device": device,
         "repeats": args.repeats,
         "compile_s": round(compile_s, 2),
         "ours_s": round(ours_s, 4),

@@ -14,24 +14,23 @@ The Pi-SAM cases, ours vs the reference written in ``tests/pisam_reference.py``,
 The image encoder is not run: both sides get the same random image features and RGB embedding (the decoder's
 cost does not depend on their values). The first call of each case checks the 1024^2 logits agree.
 Timing: median wall time of ``--repeats`` calls after a warm-up (ours: compile time reported separately);
-torch under ``torch.inference_mode`` with ``torch.set_num_threads(os.cpu_count())``.
+torch under ``torch.inference_mode``, on the GPU when there is one (``bench.encoder.torch_device``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.encoder import _device, median_seconds
+from bench.encoder import _device, median_seconds, torch_device, torch_synced
 
 
-def _setup(model_type: str):
+def _setup(model_type: str, device: str):
     import torch
     from flax import nnx
 
@@ -46,14 +45,14 @@ def _setup(model_type: str):
     model = build_model(ModelConfig.preset(model_type, decoder="pi", interactor=True))
     rgb_sd = {f"rgb_embed.{k}": v for k, v in rgb.state_dict().items()}
     load_torch_weights(model.mask_decoder, {**ref.state_dict(), **rgb_sd})
-    return ref, rgb, model, nnx
+    return ref.to(device), rgb.to(device), model, nnx
 
 
 def _result(case, args, compile_s, ours_s, torch_s, ours, reference) -> dict:
     err = float(np.abs(np.asarray(ours) - reference).max())
     return {
         "case": case, "model_type": args.model_type, "clicks": args.clicks if case == "pi_clicks" else 0,
-        "dtype": "float32", "device": _device(), "repeats": args.repeats, "compile_s": round(compile_s, 2),
+        "dtype": "float32", "device": _device(), "torch_device": args.torch_device, "repeats": args.repeats, "compile_s": round(compile_s, 2),
         "ours_s": round(ours_s, 4), "torch_s": round(torch_s, 4), "ratio_ours_over_torch": round(ours_s / torch_s, 3),
         "max_abs_err": err, "max_rel_err": err / float(np.abs(reference).max()),
     }
@@ -65,8 +64,8 @@ def bench_pi(args) -> list[dict]:
 
     from tests.pisam_reference import interact
 
-    torch.set_num_threads(os.cpu_count())
-    ref, rgb_embed, model, nnx = _setup(args.model_type)
+    args.torch_device = device = torch_device()
+    ref, rgb_embed, model, nnx = _setup(args.model_type, device)
     dec = model.mask_decoder
     graphdef, state = nnx.split(dec)
     rng = np.random.default_rng(0)
@@ -77,15 +76,16 @@ def bench_pi(args) -> list[dict]:
     image = rng.standard_normal((1, 1024, 1024, 3), dtype=np.float32)
     points = rng.uniform(0, 1, (1, args.clicks, 2)).astype(np.float32)
     flags = (np.arange(args.clicks) % 2 == 0).astype(np.int32)[None]
-    t = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+    t = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)  # noqa: E731
 
     with torch.inference_mode():
         rgb_t = rgb_embed(t(image))
-    args_t = (t(emb), t(pe), torch.from_numpy(sparse), t(dense))
+    args_t = (t(emb), t(pe), torch.from_numpy(sparse).to(device), t(dense), torch.from_numpy(vit).to(device))
 
+    @torch_synced
     def torch_box():
         with torch.inference_mode():
-            e, hyper_in, low = ref.base(*args_t, torch.from_numpy(vit))
+            e, hyper_in, low = ref.base(*args_t)
             return e, hyper_in, ref.head(e, rgb_t)
 
     @jax.jit
@@ -114,10 +114,11 @@ def bench_pi(args) -> list[dict]:
     e_t, hyper_t, large_t = torch_box()
     torch_s = median_seconds(torch_box, args.repeats)
     ours_s = median_seconds(ours_box, args.repeats)
-    results = [_result("pi_box", args, compile_s, ours_s, torch_s, large, large_t.numpy())]
+    results = [_result("pi_box", args, compile_s, ours_s, torch_s, large, large_t.cpu().numpy())]
 
-    p_t, f_t = torch.from_numpy(points), torch.from_numpy(flags)
+    p_t, f_t = torch.from_numpy(points).to(device), torch.from_numpy(flags).to(device)
 
+    @torch_synced
     def torch_clicks():
         with torch.inference_mode():
             fg, bg = p_t[:, f_t[0] == 1], p_t[:, f_t[0] == 0]
@@ -130,7 +131,7 @@ def bench_pi(args) -> list[dict]:
     t0 = time.perf_counter()
     out = ours_clicks()
     compile_s = time.perf_counter() - t0
-    ref_out = torch_clicks().numpy()
+    ref_out = torch_clicks().cpu().numpy()
     torch_s = median_seconds(torch_clicks, args.repeats)
     ours_s = median_seconds(ours_clicks, args.repeats)
     return results + [_result("pi_clicks", args, compile_s, ours_s, torch_s, out, ref_out)]

@@ -176,7 +176,8 @@ def interact(interactor, e, hyper_in, fg, bg):
     fg = e.new_zeros(1, 0, 2) if fg is None else fg
     bg = e.new_zeros(1, 0, 2) if bg is None else bg
     points = torch.cat([fg, bg], dim=1)
-    flags = torch.cat([torch.ones(1, fg.shape[1], dtype=torch.long), torch.zeros(1, bg.shape[1], dtype=torch.long)], 1)
+    long = dict(dtype=torch.long, device=e.device)
+    flags = torch.cat([torch.ones(1, fg.shape[1], **long), torch.zeros(1, bg.shape[1], **long)], 1)
     return interactor(e, hyper_in, points, flags, None)
 
 

@@ -236,8 +236,9 @@ def test_head_bands_are_the_layer_by_layer_head(setup, monkeypatch, band_rows):
     monkeypatch.setattr(pi_decoder, "HEAD_BAND_ROWS", band_rows)
     graphdef, state = nnx.split(load_model(setup["stage2"]).mask_decoder)
     rng = np.random.default_rng(7)
-    e = jnp.asarray(rng.standard_normal((2, 256, 256, 32), dtype=np.float32))
-    rgb = jnp.asarray(rng.standard_normal((1, 1024, 1024, 8), dtype=np.float32))
+    # E at 64^2 (head output 256^2) keeps it quick: 4 bands of 64 rows, or one (1024 rows do not divide 256).
+    e = jnp.asarray(rng.standard_normal((2, 64, 64, 32), dtype=np.float32))
+    rgb = jnp.asarray(rng.standard_normal((1, 256, 256, 8), dtype=np.float32))
 
     def banded(state, e):
         return nnx.merge(graphdef, state).head(e, rgb)
@@ -247,6 +248,7 @@ def test_head_bands_are_the_layer_by_layer_head(setup, monkeypatch, band_rows):
         return d.out_act(d.output_upscaling_2(e) + rgb).transpose(0, 3, 1, 2)
 
     assert_close("banded head", jax.jit(banded)(state, e), jax.jit(layers)(state, e), rtol=1e-5)
+
     def grads(f):  # w.r.t. the decoder's state and E
         return jax.jit(jax.grad(lambda s, e: jnp.mean(jnp.tanh(f(s, e))), argnums=(0, 1)))(state, e)
 

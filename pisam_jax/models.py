@@ -101,15 +101,18 @@ class ImageFeatures:
     """What the image encoder computes once per image.
 
     embeddings: (B, 64, 64, 256); interm: outputs of the global-attention blocks, each (B, 64, 64, C_vit);
-    rgb: Pi-SAM only, the decoder's RGB embedding of the normalised image (B, 1024, 1024, 8), else None.
+    rgb: Pi-SAM only, the decoder's RGB embedding of the normalised image (B, 1024, 1024, 8), else None;
+    hq: HQ-SAM and Pi-SAM, the decoder's HQ features (B, 256, 256, 32) when cached for inference
+    (``Sam.cache_hq_features``), else None: computed in every decode, as training needs for their gradient.
     """
 
     embeddings: jax.Array
     interm: tuple[jax.Array, ...]
     rgb: jax.Array | None = None
+    hq: jax.Array | None = None
 
 
-jax.tree_util.register_dataclass(ImageFeatures, data_fields=["embeddings", "interm", "rgb"], meta_fields=[])
+jax.tree_util.register_dataclass(ImageFeatures, data_fields=["embeddings", "interm", "rgb", "hq"], meta_fields=[])
 
 
 class Sam(nnx.Module):
@@ -149,6 +152,21 @@ class Sam(nnx.Module):
         rgb = self.mask_decoder.rgb_embedding(images) if isinstance(self.mask_decoder, MaskDecoderPi) else None
         return ImageFeatures(embeddings, tuple(interm), rgb)
 
+    def cache_hq_features(self, features: ImageFeatures) -> ImageFeatures:
+        """``features`` with the HQ features computed once, for decoders that have them (HQ-SAM, Pi-SAM).
+
+        For inference: every prompt on the image then reuses them (the PyTorch predictors recompute them per
+        prompt). Other decoders, or features that already hold them, are returned unchanged.
+        """
+        if not isinstance(self.mask_decoder, MaskDecoderHQ) or features.hq is not None:
+            return features
+        return dataclasses.replace(features, hq=self._hq_features(features))
+
+    def _hq_features(self, features: ImageFeatures) -> jax.Array:
+        if features.hq is not None:
+            return features.hq
+        return self.mask_decoder.hq_features(features.embeddings, features.interm[0])
+
     def decode(
         self,
         features: ImageFeatures,
@@ -178,8 +196,7 @@ class Sam(nnx.Module):
         per_prompt = lambda x: jnp.repeat(x, p, axis=0)  # noqa: E731
         hq = {}
         if isinstance(self.mask_decoder, MaskDecoderHQ):  # HQ features once per image, then per prompt
-            hq_features = self.mask_decoder.hq_features(features.embeddings, features.interm[0])
-            hq = dict(hq_token_only=hq_token_only, hq_features=per_prompt(hq_features))
+            hq = dict(hq_token_only=hq_token_only, hq_features=per_prompt(self._hq_features(features)))
         elif hq_token_only:
             raise ValueError(f"hq_token_only needs an HQ-SAM model; this one has a {self.config.decoder!r} decoder")
         low_res, iou = self.mask_decoder(
@@ -204,11 +221,10 @@ class Sam(nnx.Module):
         b, p = boxes.shape[:2]
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes.reshape(b * p, 4), masks=None)
         decoder = self.mask_decoder
-        hq_features = decoder.hq_features(features.embeddings, features.interm[0])  # once per image
         per_prompt = lambda x: jnp.repeat(x, p, axis=0)  # noqa: E731
         return decoder.base(
             per_prompt(features.embeddings), self.prompt_encoder.get_dense_pe(), sparse, dense,
-            per_prompt(hq_features),
+            per_prompt(self._hq_features(features)),  # once per image
         )
 
     def pi_refine(

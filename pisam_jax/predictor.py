@@ -43,6 +43,7 @@ class Predictor:
         self.image_size = model.config.image_size
         graphdef, self._state = nnx.split(model)
         self._encode = jax.jit(lambda state, images: nnx.merge(graphdef, state).encode(images))
+        self._cache_hq = jax.jit(lambda state, features: nnx.merge(graphdef, state).cache_hq_features(features))
         self._decode = jax.jit(partial(_decode, graphdef), static_argnames=("multimask_output", "hq_token_only"))
         self._pi_base = jax.jit(lambda state, features, boxes: nnx.merge(graphdef, state).pi_base(features, boxes))
         self._pi_refine = jax.jit(
@@ -79,9 +80,18 @@ class Predictor:
             image = image[..., ::-1]
         resized = transforms.resize_longest_side(image, self.image_size)
         model_input = transforms.preprocess(resized, self.image_size)
-        self.features = self._encode(self._state, jnp.asarray(model_input)[None])
-        self.original_size = tuple(image.shape[:2])
-        self.input_size = tuple(resized.shape[:2])
+        self.set_features(self._encode(self._state, jnp.asarray(model_input)[None]), image.shape[:2], resized.shape[:2])
+
+    def set_features(self, features: ImageFeatures, original_size: tuple[int, int],
+                     input_size: tuple[int, int]) -> None:
+        """``set_image`` from encoder outputs computed elsewhere: ``Sam.encode`` of one preprocessed image.
+
+        original_size: the image's (H, W); input_size: its (h, w) after ``resize_longest_side``. HQ-SAM and
+        Pi-SAM models compute their HQ features here, once for all the prompts that follow.
+        """
+        self.reset_image()
+        self.features = self._cache_hq(self._state, features)
+        self.original_size, self.input_size = tuple(original_size), tuple(input_size)
 
     def predict(
         self,

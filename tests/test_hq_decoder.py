@@ -6,6 +6,7 @@ Random weights saved as the official ``sam_hq_vit_*.pth`` are (a raw state_dict)
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -261,6 +262,20 @@ def test_batched_images_in_one_call(predictors):
     assert low.shape == (2, 4, 1, 64, 64) and iou.shape == (2, 4, 1)
     for i in range(2):
         np.testing.assert_allclose(np.asarray(low[i]), alone[i], rtol=1e-4, atol=1e-4)
+
+
+def test_hq_features_are_cached_once_per_image(predictors):
+    """set_image computes the HQ features once; decoding with them is decoding with them recomputed per call."""
+    ours, _ = predictors
+    features = ours.features
+    g = 4 * ours.model.config.embedding_size
+    assert features.hq is not None and features.hq.shape == (1, g, g, ours.model.mask_decoder.transformer_dim // 8)
+    boxes = jnp.asarray(transforms.apply_boxes(np.array([[10, 10, 100, 90]], np.float32), IMAGE_HW, ours.image_size))
+    decode = nnx.jit(lambda m, f: m.decode(f, boxes=boxes[None], multimask_output=False)[0])
+    cached = decode(ours.model, features)
+    assert_close("cached HQ features", cached, decode(ours.model, dataclasses.replace(features, hq=None)), rtol=1e-6)
+    zeroed = decode(ours.model, dataclasses.replace(features, hq=jnp.zeros_like(features.hq)))
+    assert np.abs(np.asarray(zeroed - cached)).max() > 1e-3  # the cached features are what the decoder uses
 
 
 def test_hq_token_only_needs_an_hq_model(tiny_sam):

@@ -459,6 +459,14 @@ def test_predictor_prompt_errors(setup, pi_predictor):
         stage1.refine([(5, 5, True)])
 
 
+def test_new_image_forgets_the_last_boxes(pi_predictor):
+    """Clicks after a new image would refine the old image's boxes: set_image / set_features forget them."""
+    pi_predictor.predict(box=np.array(BOX))
+    pi_predictor.set_features(pi_predictor.features, pi_predictor.original_size, pi_predictor.input_size)
+    with pytest.raises(RuntimeError, match="predict"):
+        pi_predictor.refine([(5, 5, True)])
+
+
 def test_predict_cli_with_clicks(setup, tiny_sam, tmp_path, capsys):
     """predict.py --click on a Pi-SAM model writes the corrected mask and draws the clicks; SAM refuses --click."""
     from PIL import Image

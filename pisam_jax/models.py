@@ -158,7 +158,7 @@ class Sam(nnx.Module):
         For inference: every prompt on the image then reuses them (the PyTorch predictors recompute them per
         prompt). Other decoders, or features that already hold them, are returned unchanged.
         """
-        if not isinstance(self.mask_decoder, MaskDecoderHQ) or features.hq is not None:
+        if not isinstance(self.mask_decoder, MaskDecoderHQ):
             return features
         return dataclasses.replace(features, hq=self._hq_features(features))
 

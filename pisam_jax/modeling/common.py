@@ -15,14 +15,20 @@ Conventions (see DESIGN.md):
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# torch.nn.GELU() is the exact (erf) GELU; jax.nn.gelu defaults to the tanh form.
-gelu = partial(jax.nn.gelu, approximate=False)
+
+def gelu(x: jax.Array) -> jax.Array:
+    """``torch.nn.GELU()``, the exact GELU, in torch's form x (1 + erf(x / sqrt 2)) / 2.
+
+    Not ``jax.nn.gelu(approximate=False)``: its erfc form runs ~2.5x slower on XLA:CPU (same values to rounding).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * math.sqrt(0.5)))
+
+
 relu = jax.nn.relu
 
 

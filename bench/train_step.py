@@ -37,21 +37,25 @@ def run_case(name: str, batch: int, cache: bool, steps: int, stage: int = 1) -> 
     import numpy as np
     from flax import nnx
 
+    from configs import common
     from pisam_jax.models import ModelConfig, build_model
-    from pisam_jax.training import loop, trainable
+    from pisam_jax.training import loop, stages
     from pisam_jax.training import step as step_lib
 
     fields = dict(CASES[name])
     cfg = ModelConfig.preset(fields.pop("model_type"), "pi", interactor=stage == 2, **fields)
     model = build_model(cfg, seed=0)
-    graphdef, train_state, frozen_state = nnx.split(model, trainable.trainable_filter(1), ...)
+    config = common.get_config()
+    config.stage = "stage1"
+    stage = stages.get(config)
+    graphdef, train_state, frozen_state = nnx.split(model, stage.trainable(), ...)
     del model
     tx = step_lib.make_optimizer(steps_per_epoch=100, num_epochs=100)
     opt_state = tx.init(train_state)
     mesh = step_lib.make_data_mesh()
     train_state, frozen_state, opt_state = step_lib.replicate((train_state, frozen_state, opt_state), mesh)
     encode = loop.make_encode(graphdef, mesh)
-    train_step = step_lib.make_train_step(graphdef, loop.stage1_loss_fn(112 * 112), tx, mesh=mesh)
+    train_step = step_lib.make_train_step(graphdef, loop.loss_fn_of(stage), tx, mesh=mesh)
 
     s = cfg.image_size
     rng = np.random.default_rng(0)
@@ -72,7 +76,7 @@ def run_case(name: str, batch: int, cache: bool, steps: int, stage: int = 1) -> 
         if feats is None:
             emb, interm0 = encode(train_state, frozen_state, step_lib.shard_batch(images, mesh))
             if cache:
-                store.add(keys, loop.local_rows(emb), loop.local_rows(interm0))
+                store.add(keys, step_lib.local_rows(emb), step_lib.local_rows(interm0))
         else:
             emb, interm0 = step_lib.shard_batch(feats[0], mesh), step_lib.shard_batch(feats[1], mesh)
         jax.block_until_ready(emb)

@@ -3,9 +3,13 @@
 Not a recipe itself: each ``configs/<recipe>.py`` calls ``get_config()`` here and changes what differs.
 Fields (override any with ``--config.<field>=value``):
 
-  stage                 1: HR Mask Decoder (+ RGB embedding, D2); 2: Precise Interactor only (D4)
-  init_from             a converted SAM / HQ-SAM / Pi-SAM model directory, or a stage-1 workdir (stage 2);
-                        empty only when ``allow_random_init`` (tiny recipes)
+  stage                 what trains (pisam_jax/training/stages): "sam" (SAM itself), "hq" (HQ-SAM on a frozen SAM),
+                        "stage1" (Pi-SAM's HR Mask Decoder + RGB embedding, D2), "stage2" (the Precise
+                        Interactor only, D4)
+  train_modules         comma-separated module paths that train, overriding the stage's default (e.g. SAM
+                        fine-tuning: "mask_decoder"; from scratch: "image_encoder,prompt_encoder,mask_decoder")
+  init_from             a converted SAM / HQ-SAM / Pi-SAM model directory, or a training workdir (stage 2: the
+                        stage-1 one); empty only when ``allow_random_init`` (SAM from scratch, tiny recipes)
   model.*               ModelConfig fields: model_type plus any size override (tiny recipes); with init_from,
                         the encoder sizes come from the checkpoint and must agree with these
   data.*                datasets (names or groups, D8: paper-train), data_root, augmentation, reader threads/workers,
@@ -15,6 +19,10 @@ Fields (override any with ``--config.<field>=value``):
   steps_per_epoch       0: len(dataset) // batch_size (drop_last, as the reference)
   max_steps             stop after this many steps (0: num_epochs * steps_per_epoch)
   learning_rate         Adam 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay
+  num_points            points per mask at which the mask losses are taken (spec 5.1: 112^2)
+  sam.*                 stage "sam" only (SAM paper, appendix A): box_prob (first prompt a box, else a point),
+                        box_noise / box_noise_max (std as a fraction of the side, cap in px), click_rounds and
+                        mask_rounds (iterations adding a click / adding nothing), focal/dice/iou weights
   cache_embeddings      reuse the frozen encoder's outputs per image (needs data.augment=False)
   checkpoint.*          every_steps, keep (latest N), async
   log_every_steps       JSONL + TensorBoard + progress bar postfix
@@ -31,7 +39,8 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = 1
+    c.stage = "stage1"
+    c.train_modules = ""
     c.init_from = ""
     c.allow_random_init = False
     c.seed = 42
@@ -57,6 +66,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.learning_rate = 1e-3
     c.num_points = 112 * 112
     c.cache_embeddings = False
+
+    c.sam = ml_collections.ConfigDict()
+    c.sam.box_prob = 0.5
+    c.sam.box_noise = 0.1
+    c.sam.box_noise_max = 20.0
+    c.sam.click_rounds = 8
+    c.sam.mask_rounds = 2
+    c.sam.focal_weight = 20.0
+    c.sam.dice_weight = 1.0
+    c.sam.iou_weight = 1.0
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000

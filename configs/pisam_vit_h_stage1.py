@@ -15,7 +15,7 @@ from configs import common
 
 def get_config():
     c = common.get_config()
-    c.stage = 1
+    c.stage = "stage1"
     c.model.model_type = "vit_h"
     c.init_from = "checkpoints/sam_vit_h"
     return c

@@ -15,7 +15,7 @@ from configs import common
 
 def get_config():
     c = common.get_config()
-    c.stage = 2
+    c.stage = "stage2"
     c.model.model_type = "vit_l"
     c.init_from = "workdirs/pisam_vit_l_stage1"
     return c

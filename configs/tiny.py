@@ -17,7 +17,7 @@ def get_config(arg: str = "stage1"):
     if arg not in ("stage1", "stage2"):
         raise ValueError(f"configs/tiny.py takes stage1 or stage2, not {arg!r}")
     c = common.get_config()
-    c.stage = 1 if arg == "stage1" else 2
+    c.stage = arg
     c.allow_random_init = True
     c.seed = 0
     c.model.model_type = "vit_b"

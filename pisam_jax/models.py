@@ -56,6 +56,11 @@ class ModelConfig:
     prompt_embed_dim: int = 256
     # Pi-SAM only: whether the decoder has the Precise Interactor (stage 2) or not (stage 1).
     interactor: bool = False
+    # Pi-SAM ablations (paper Table 5; ``MaskDecoderPi``): the RGB embedding, the Object Embedder's deformable
+    # branches, the high-resolution output (False: the 256^2 mask, upsampled).
+    pi_rgb_embedding: bool = True
+    pi_deformable: bool = True
+    pi_high_res: bool = True
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     @classmethod
@@ -240,8 +245,9 @@ class Sam(nnx.Module):
         0 background, -1 padding). The cheap step: re-run it alone for every new click set.
         """
         self._require_pi()
-        p = base.embedding.shape[0] // features.rgb.shape[0]
-        rgb = jnp.repeat(features.rgb, p, axis=0)
+        rgb = features.rgb
+        if rgb is not None:
+            rgb = jnp.repeat(rgb, base.hyper_in.shape[0] // rgb.shape[0], axis=0)  # one row per prompt
         if clicks is None:
             return self.mask_decoder.refine(base, rgb)
         points, labels = clicks
@@ -289,6 +295,9 @@ def _build_mask_decoder(config: ModelConfig, rngs: nnx.Rngs) -> MaskDecoder:
             vit_dim=config.encoder_embed_dim,
             interactor=config.interactor,
             interactor_hw=4 * config.embedding_size,
+            rgb_embedding=config.pi_rgb_embedding,
+            deformable=config.pi_deformable,
+            high_res=config.pi_high_res,
             **sam_decoder,
         )
     return MaskDecoder(**sam_decoder)

@@ -172,7 +172,7 @@ def test_stage2_from_stage1_workdir(stage1_run, tmp_path, cache_dir, data_root):
     from tests.test_train_samples import read_images
 
     assert sorted(read_images(workdir / "tensorboard")) == [("samples/0", 2), ("samples/1", 2)]  # tiny: 2 samples
-    assert {"bce_1024", "dice_1024", "valid_fraction", "host_fraction"} <= set(records[2])
+    assert {"bce_1024", "dice_1024", "valid_fraction", "prepare_fraction"} <= set(records[2])
     exported = load_model(workdir / "export")
     assert exported.config.interactor
     # everything but interact_2 is the stage-1 model, unchanged

@@ -108,9 +108,11 @@ def test_only_trainable_params_are_differentiated_and_updated():
 
 
 def test_stage_filters():
+    stage1 = [m.split(".", 1)[1] for m in trainable.TRAINABLE["stage1"]]
+
     class Decoder(nnx.Module):
         def __init__(self, rngs):
-            for name in trainable.STAGE_MODULES[1] + ("transformer", "output_upscaling", "iou_prediction_head"):
+            for name in stage1 + ["transformer", "output_upscaling", "iou_prediction_head"]:
                 setattr(self, name, nnx.Linear(2, 3, rngs=rngs))
             self.interact_2 = nnx.Dict(
                 token_embed=nnx.Linear(4, 4, rngs=rngs), img_pe=Buffer(jnp.zeros((2, 5, 5)))
@@ -119,20 +121,26 @@ def test_stage_filters():
     class Model(nnx.Module):
         def __init__(self, rngs):
             self.image_encoder = nnx.Linear(3, 3, rngs=rngs)
+            self.prompt_encoder = nnx.Linear(3, 2, rngs=rngs)
             self.mask_decoder = Decoder(rngs)
 
     model = Model(nnx.Rngs(0))
-    c1 = trainable.param_counts(model, trainable.trainable_filter(1))
-    assert set(c1) == {f"mask_decoder.{m}" for m in trainable.STAGE_MODULES[1]} | {"total"}
-    assert c1["total"] == 9 * len(trainable.STAGE_MODULES[1])
-    c2 = trainable.param_counts(model, trainable.trainable_filter(2))
+    c1 = trainable.param_counts(model, trainable.trainable_filter(trainable.TRAINABLE["stage1"]))
+    assert set(c1) == set(trainable.TRAINABLE["stage1"]) | {"total"}
+    assert c1["total"] == 9 * len(stage1)
+    hq = trainable.param_counts(model, trainable.trainable_filter(trainable.TRAINABLE["hq"]))
+    assert set(hq) == set(trainable.TRAINABLE["hq"]) | {"total"} and set(hq) < set(c1)  # stage 1 includes HQ's
+    c2 = trainable.param_counts(model, trainable.trainable_filter(trainable.TRAINABLE["stage2"]))
     assert c2 == {"mask_decoder.interact_2": 20, "total": 20}  # the Buffer never trains
-    # applied to the decoder alone
-    assert trainable.param_counts(model.mask_decoder, trainable.trainable_filter(2, root=()))["total"] == 20
-    _, t, rest = nnx.split(model, trainable.trainable_filter(2), ...)
-    assert len(jax.tree.leaves(t)) == 2 and len(jax.tree.leaves(rest)) == 2 + 2 * 13 + 1
-    with pytest.raises(ValueError, match="stage"):
-        trainable.trainable_filter(3)
+    sam = trainable.param_counts(model, trainable.trainable_filter(trainable.TRAINABLE["sam"]), depth=1)
+    assert sam["total"] == 12 + 8 + 9 * (len(stage1) + 3) + 20  # every Param, no Buffer
+    # a path names a module, not a prefix of a name; applied to the decoder alone
+    assert trainable.param_counts(model, trainable.trainable_filter(["mask_decoder.interact"]))["total"] == 0
+    assert trainable.param_counts(model.mask_decoder, trainable.trainable_filter(["interact_2"]))["total"] == 20
+    _, t, rest = nnx.split(model, trainable.trainable_filter(trainable.TRAINABLE["stage2"]), ...)
+    assert len(jax.tree.leaves(t)) == 2 and len(jax.tree.leaves(rest)) == 2 + 2 + 2 * 13 + 1
+    with pytest.raises(ValueError, match="module paths"):
+        trainable.trainable_filter("mask_decoder")
 
 
 def test_pi_sam_counts_match_spec():
@@ -140,11 +148,11 @@ def test_pi_sam_counts_match_spec():
     from pisam_jax.models import ModelConfig, build_model
 
     model = nnx.eval_shape(lambda: build_model(ModelConfig(decoder="pi", interactor=True)))
-    c1 = trainable.param_counts(model, trainable.trainable_filter(1))
+    c1 = trainable.param_counts(model, trainable.trainable_filter(trainable.TRAINABLE["stage1"]))
     assert c1["mask_decoder.rgb_embed"] == 616
     assert c1["total"] == 1_395_287 + 616
     assert c1["mask_decoder.compress_vit_feat"] == 820_000 and c1["mask_decoder.mask_aspp"] == 311_566
-    assert trainable.param_counts(model, trainable.trainable_filter(2))["total"] == 167_104
+    assert trainable.param_counts(model, trainable.trainable_filter(trainable.TRAINABLE["stage2"]))["total"] == 167_104
 
 
 def test_learning_rate_follows_per_epoch_cosine_and_adam_matches_torch():

@@ -193,15 +193,17 @@ _DRAW = {"fence": _fence, "wires": _wires, "lattice": _lattice, "branches": _bra
 
 # ------------------------------------------------------------------------------ samples
 
-def generate_sample(seed: int, index: int, size: int = 2048, kinds=KINDS):
+def generate_sample(seed: int, index: int, size: int = 2048, kinds=KINDS, detail: float = 1.0):
     """One sample: (image uint8 (H, W, 3) RGB, mask uint8 (H, W) in {0, 255}, kinds used).
 
-    The long side is ``size``; the short side is size times one of 1, 3/4, 2/3 or 9/16.
+    The long side is ``size``; the short side is size times one of 1, 3/4, 2/3 or 9/16. Structure widths and
+    spacings scale with the image (a 512 px image is a 2048 px one shrunk 4x) times ``detail``: ``detail=4``
+    draws a 512 px image with the widths, in pixels, of a 2048 px one (thicker relative to the image).
     """
     rng = np.random.default_rng([seed, index, size])
     long_, short = size, int(round(size * rng.choice([1.0, 0.75, 2 / 3, 0.5625])))
     h, w = (long_, short) if rng.random() < 0.5 else (short, long_)
-    s = size / 2048.0
+    s = size / 2048.0 * detail
     chosen = list(rng.choice(list(kinds), size=min(len(kinds), int(rng.integers(1, 4))), replace=False))
     mask = np.zeros((h, w), np.uint8)
     for k in chosen:
@@ -229,9 +231,9 @@ def _write_atomic(path: str, data: bytes):
             os.remove(tmp)
 
 
-def write_sample(out: str, seed: int, index: int, size: int = 2048, quality: int = 95) -> str:
+def write_sample(out: str, seed: int, index: int, size: int = 2048, quality: int = 95, detail: float = 1.0) -> str:
     """Generate sample ``index`` and write it to ``out/im/<name>.jpg`` and ``out/gt/<name>.png``."""
-    img, mask, _ = generate_sample(seed, index, size)
+    img, mask, _ = generate_sample(seed, index, size, detail=detail)
     name = sample_name(seed, index)
     # 4:4:4 chroma: the default 4:2:0 subsampling smears thin coloured structures.
     ok1, jpg = cv2.imencode(".jpg", img[:, :, ::-1], [
@@ -250,11 +252,11 @@ def _write_one(args):
 
 
 def generate(out: str, n: int, size: int = 2048, seed: int = 0, workers: int = 0,
-             progress: bool = True) -> list[str]:
+             progress: bool = True, detail: float = 1.0) -> list[str]:
     """Write samples 0..n-1 for ``seed`` under ``out`` (DIS5K layout); returns their names."""
     os.makedirs(os.path.join(out, "im"), exist_ok=True)
     os.makedirs(os.path.join(out, "gt"), exist_ok=True)
-    jobs = [(out, seed, i, size) for i in range(n)]
+    jobs = [(out, seed, i, size, 95, detail) for i in range(n)]
     from tqdm import tqdm
 
     bar = tqdm(total=n, desc=f"synthetic {size}px -> {out}", unit="img", disable=not progress)
@@ -282,13 +284,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder; im/ and gt/ are created in it")
     p.add_argument("--n", type=int, default=100, help="number of samples")
     p.add_argument("--size", type=int, default=2048, help="long side in pixels")
+    p.add_argument("--detail", type=float, default=1.0,
+                   help="structure widths and spacings relative to the image (4: a 512 px image drawn with a 2048 px "
+                        "one's widths)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="worker processes (0 = in process)")
     a = p.parse_args(argv)
-    if a.n < 0 or a.size < 64:
-        p.error("--n must be >= 0 and --size >= 64")
+    if a.n < 0 or a.size < 64 or a.detail <= 0:
+        p.error("--n must be >= 0, --size >= 64 and --detail > 0")
     try:
-        generate(a.out, a.n, a.size, a.seed, a.workers)
+        generate(a.out, a.n, a.size, a.seed, a.workers, detail=a.detail)
     except OSError as e:
         print(f"error: cannot write to {a.out}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -111,9 +111,12 @@ class ASPPModule(nnx.Module):
 
 
 class MaskASPPDeformable(nnx.Module):
-    """The Object Embedder (spec 3.1 step D): (B, H, W, dim + 1) [M, logits] -> E (B, H, W, dim)."""
+    """The Object Embedder (spec 3.1 step D): (B, H, W, dim + 1) [M, logits] -> E (B, H, W, dim).
 
-    def __init__(self, dim: int = 32, *, rngs: nnx.Rngs):
+    ``deformable=False`` (an ablation, paper Table 5) keeps only the skip branch X: no deformable branches.
+    """
+
+    def __init__(self, dim: int = 32, *, deformable: bool = True, rngs: nnx.Rngs):
         self.mask_embedding = Sequential(
             [
                 Conv2d(dim + 1, dim, 1, rngs=rngs),
@@ -124,14 +127,17 @@ class MaskASPPDeformable(nnx.Module):
                 gelu,
             ]
         )
-        self.aspp1 = ASPPModule(dim, 3, 1, rngs=rngs)
-        self.aspp2 = ASPPModule(dim, 7, 3, rngs=rngs)
+        self.aspp1 = ASPPModule(dim, 3, 1, rngs=rngs) if deformable else None
+        self.aspp2 = ASPPModule(dim, 7, 3, rngs=rngs) if deformable else None
+        branches = 3 if deformable else 1
         self.conv_out = Sequential(
-            [Conv2d(3 * dim, dim, 1, use_bias=False, rngs=rngs), LayerNorm2d(dim, rngs=rngs), gelu]
+            [Conv2d(branches * dim, dim, 1, use_bias=False, rngs=rngs), LayerNorm2d(dim, rngs=rngs), gelu]
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.mask_embedding(x)  # X, the "skip" branch
+        if self.aspp1 is None:
+            return self.conv_out(x)
         return self.conv_out(jnp.concatenate([x, self.aspp1(x), self.aspp2(x)], axis=-1))
 
 
@@ -139,16 +145,36 @@ class MaskDecoderPi(MaskDecoderHQ):
     """Pi-SAM's decoder. ``vit_dim``: the ViT width; ``interactor``: whether ``interact_2`` exists (stage 2).
 
     Parameters mirror the reference's state_dict (spec appendix) plus ``rgb_embed.{0,1}`` (D2).
+
+    Ablations (paper Table 5; the defaults are the published model): ``rgb_embedding=False``, no RGB embedding
+    (the head sees only the upscaled E); ``deformable=False``, an Object Embedder without its deformable
+    branches; ``high_res=False``, no Object Embedder, HR head nor RGB embedding: the output is the 256^2
+    HQ-token mask, upsampled bilinearly to 1024^2.
     """
 
     def __init__(
-        self, *, vit_dim: int, interactor: bool, rngs: nnx.Rngs, interactor_hw: int = 256, **sam_decoder_kwargs
+        self,
+        *,
+        vit_dim: int,
+        interactor: bool,
+        rngs: nnx.Rngs,
+        interactor_hw: int = 256,
+        rgb_embedding: bool = True,
+        deformable: bool = True,
+        high_res: bool = True,
+        **sam_decoder_kwargs,
     ):
         super().__init__(vit_dim=vit_dim, rngs=rngs, **sam_decoder_kwargs)
+        if interactor and not high_res:
+            raise ValueError("the Precise Interactor refines the Object Embedder's E: it needs high_res=True")
         d = self.transformer_dim // 8  # 32
         r = RGB_EMBED_DIM
         self.embedding_act = Sequential([LayerNorm2d(d, rngs=rngs), Conv2d(d, d, 3, padding=1, rngs=rngs), gelu])
-        self.mask_aspp = MaskASPPDeformable(d, rngs=rngs)
+        self.high_res = high_res
+        if not high_res:
+            self.rgb_embed = self.interact_2 = None
+            return
+        self.mask_aspp = MaskASPPDeformable(d, deformable=deformable, rngs=rngs)
         self.output_upscaling_2 = Sequential(
             [
                 ConvTranspose2x2(d, d // 2, rngs=rngs),
@@ -166,7 +192,9 @@ class MaskDecoderPi(MaskDecoderHQ):
                 Conv2d(r, 1, 3, padding=1, rngs=rngs),
             ]
         )
-        self.rgb_embed = Sequential([Conv2d(3, r, 1, rngs=rngs), Conv2d(r, r, 3, padding=1, rngs=rngs)])
+        self.rgb_embed = (
+            Sequential([Conv2d(3, r, 1, rngs=rngs), Conv2d(r, r, 3, padding=1, rngs=rngs)]) if rgb_embedding else None
+        )
         self.interact_2 = PointInteract(d, interactor_hw, rngs=rngs) if interactor else None
 
     @property
@@ -175,9 +203,12 @@ class MaskDecoderPi(MaskDecoderHQ):
 
     # -- per image -------------------------------------------------------------------------
 
-    def rgb_embedding(self, images: jax.Array) -> jax.Array:
-        """The normalised input image (B, 1024, 1024, 3) -> (B, 1024, 1024, 8). One linear map."""
-        return self.rgb_embed(images)
+    def rgb_embedding(self, images: jax.Array) -> jax.Array | None:
+        """The normalised input image (B, 1024, 1024, 3) -> (B, 1024, 1024, 8). One linear map.
+
+        None for a decoder without it (the ablations).
+        """
+        return None if self.rgb_embed is None else self.rgb_embed(images)
 
     # -- per box ---------------------------------------------------------------------------
 
@@ -200,14 +231,17 @@ class MaskDecoderPi(MaskDecoderHQ):
         mask_feature = self.embedding_act(self.hq_mask_features(self._upscale(src), hq_features))
         hyper_in = self.hf_mlp(hs[:, 1 + self.num_mask_tokens])[:, None]  # the HQ token, (B, 1, 32)
         low_res = self._hyper_masks(hyper_in, mask_feature)  # (B, 1, 256, 256)
+        if not self.high_res:
+            return PiBase(None, hyper_in, low_res)
         # The logits enter the Object Embedder undetached (B14): stage 1's 1024^2 loss also trains the 256^2 path.
         x = jnp.concatenate([mask_feature, low_res.transpose(0, 2, 3, 1)], axis=-1)
         return PiBase(self.mask_aspp(x), hyper_in, low_res)
 
     # -- per click set ---------------------------------------------------------------------
 
-    def head(self, embedding: jax.Array, rgb: jax.Array) -> jax.Array:
-        """Step F: E (B, 256, 256, 32) and the RGB embedding (B or 1, 1024, 1024, 8) -> logits (B, 1, 1024, 1024).
+    def head(self, embedding: jax.Array, rgb: jax.Array | None) -> jax.Array:
+        """Step F: E (B, 256, 256, 32) and the RGB embedding (B or 1, 1024, 1024, 8) or None (the ablation without
+        it) -> logits (B, 1, 1024, 1024).
 
         On CPU in bands of ``HEAD_BAND_ROWS`` output rows (elsewhere one band). The two 3x3 convs need two more
         rows each side, so a band upscales one more row of E each side (4 output rows) and zeroes the rows that
@@ -222,7 +256,9 @@ class MaskDecoderPi(MaskDecoderHQ):
         def rows(i):  # -> logits rows [i * band, (i + 1) * band), (B, band, 4w)
             e = jax.lax.dynamic_slice_in_dim(padded, i * (band // 4), band // 4 + 2, axis=1)
             y = i * band - 2 + jnp.arange(band + 4)  # the image rows of x
-            x = self._hr_upscale(e)[:, 2:-2] + jnp.take(rgb, jnp.clip(y, 0, height - 1), axis=1)
+            x = self._hr_upscale(e)[:, 2:-2]
+            if rgb is not None:
+                x = x + jnp.take(rgb, jnp.clip(y, 0, height - 1), axis=1)
             inside = ((y >= 0) & (y < height))[:, None, None]
             x = _conv_band(conv1, jnp.where(inside, _layer_norm(ln1, x), 0.0))
             x = jnp.where(inside[1:-1], gelu(_layer_norm(ln2, x)), 0.0)
@@ -261,6 +297,9 @@ class MaskDecoderPi(MaskDecoderHQ):
         0 background; pad_mask (B, P): True for padded slots (masked everywhere, D5) or None.
         The interactor always starts from the box's E, never from a previous refinement (spec 6).
         """
+        if not self.high_res:  # the ablation: SAM-style upsampling of the 256^2 mask
+            b, _, h, w = base.low_res.shape
+            return jax.image.resize(base.low_res, (b, 1, 4 * h, 4 * w), "linear", antialias=False)
         embedding = base.embedding
         if points is not None and points.shape[1] > 0:
             if self.interact_2 is None:

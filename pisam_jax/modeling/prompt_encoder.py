@@ -62,8 +62,9 @@ class PromptEncoder(nnx.Module):
     """Encodes prompts for SAM's mask decoder.
 
     Sparse: each point becomes PE(point) + a label embedding (label -1 = "not a point":
-    zero PE + ``not_a_point_embed``; 0 = negative, 1 = positive click), each box its two
-    corners with ``point_embeddings[2]`` / ``[3]``. Dense: the mask prompt through
+    zero PE + ``not_a_point_embed``; 0 = negative, 1 = positive click; 2 / 3 = a box corner,
+    SAM 2's convention, which training uses to give boxes and points one static shape), each box
+    its two corners with ``point_embeddings[2]`` / ``[3]``. Dense: the mask prompt through
     ``mask_downscaling``, or ``no_mask_embed`` everywhere.
     """
 
@@ -115,8 +116,8 @@ class PromptEncoder(nnx.Module):
         emb = self.pe_layer.forward_with_coords(coords, self.input_image_size)
         lab = labels[..., None]
         emb = jnp.where(lab == -1, self.not_a_point_embed.embedding[0], emb)
-        emb = emb + jnp.where(lab == 0, self.point_embeddings[0].embedding[0], 0.0)
-        emb = emb + jnp.where(lab == 1, self.point_embeddings[1].embedding[0], 0.0)
+        for i, point_embedding in enumerate(self.point_embeddings):  # 2, 3: box corners given as points
+            emb = emb + jnp.where(lab == i, point_embedding.embedding[0], 0.0)
         return emb
 
     def _embed_boxes(self, boxes: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
-"""Training of the new Pi-SAM modules on a frozen SAM: losses, the trainable-parameter predicate, the train step.
+"""Training SAM, HQ-SAM and Pi-SAM: stages, losses, prompts, the trainable-parameter predicate, the train step.
 
-    from pisam_jax.training import losses, trainable, step
+    from pisam_jax.training import losses, stages, trainable, step
 """
 
 from pisam_jax.training.losses import mask_losses, stage1_loss, stage2_loss
@@ -13,10 +13,10 @@ from pisam_jax.training.step import (
     replicate,
     shard_batch,
 )
-from pisam_jax.training.trainable import STAGE_MODULES, param_counts, trainable_filter
+from pisam_jax.training.trainable import TRAINABLE, param_counts, trainable_filter
 
 __all__ = [
-    "STAGE_MODULES",
+    "TRAINABLE",
     "check_finite",
     "cosine_epoch_schedule",
     "make_data_mesh",

@@ -134,14 +134,19 @@ def read_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[int,
     return step, json.loads(files[0].read_text())
 
 
+def trainable_filter_of(meta: dict[str, Any]):
+    """The trainable-parameter filter a checkpoint was split by (its ``meta["trainable"]`` module paths)."""
+    from pisam_jax.training.trainable import trainable_filter
+
+    return trainable_filter(meta["trainable"])
+
+
 def load_workdir_model(workdir: str | os.PathLike, step: int | None = None) -> tuple[models.Sam, int]:
     """The whole model saved in a workdir's latest (or given) checkpoint, and its step (for stage 1 -> 2)."""
     step, meta = read_meta(workdir, step)
     config = models.ModelConfig.from_json(meta["model_config"])
     model = models.abstract_model(config)
-    from pisam_jax.training.trainable import trainable_filter
-
-    graphdef, train_state, frozen_state = nnx.split(model, trainable_filter(meta["stage"]), ...)
+    graphdef, train_state, frozen_state = nnx.split(model, trainable_filter_of(meta), ...)
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
     # onto this process's first device, whatever topology wrote the checkpoint
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

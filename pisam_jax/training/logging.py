@@ -93,8 +93,8 @@ class MetricWriter:
             self._tb = None
 
 
-def progress_bar(total: int, initial: int, *, enabled: bool):
+def progress_bar(total: int, initial: int, *, enabled: bool, desc: str = "train"):
     """A tqdm bar over steps with count, rate and ETA (disabled: a no-op object with the same methods)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)

@@ -1,21 +1,18 @@
-"""The training loop of Pi-SAM's two stages (PISAM_SPEC.md 5, 6; D2, D4, D8).
+"""The training loop: runs any stage of ``training.stages`` (SAM, HQ-SAM, Pi-SAM stage 1 and 2) the same way.
 
 One step:
 
-  * stage 1: frozen encoder -> (embeddings, interm[0]) outside the gradient (jitted on its own, or taken from
-    the embedding cache); then the jitted train step: RGB embedding (trainable, D2), ``pi_base`` (box),
-    ``pi_refine`` without clicks, ``stage1_loss`` on (256^2 logits, 1024^2 logits) vs mask / 255, weighted by
-    ``has_object``;
-  * stage 2: the frozen base forward (encoder, RGB embedding, ``pi_base``) jitted on its own; its 256^2
-    logits go to the host, clicks are simulated there (``simulate_clicks_batch``, spec 6), then the jitted
-    train step of ``interact_2`` + the HR head, ``stage2_loss`` weighted by valid * has_object. The host's
-    share of the step time is logged (``host_fraction``).
+  * the data: a batch of augmented images, masks and tight boxes (``data.pipeline``), this host's rows;
+  * when the stage does not train the image encoder, its outputs (embeddings, the first global block) are
+    computed outside the gradient by a jitted forward of their own, or taken from the embedding cache;
+  * ``stage.prepare``: the stage's host-side work (Pi-SAM stage 2: the frozen base forward and the clicks);
+  * the jitted train step differentiates ``stage.loss`` with respect to the trainable state only
+    (``stage.trainable()``), so no gradient of a frozen parameter is ever computed.
 
 Data parallel over a ``("data",)`` mesh of all devices (all hosts): ``batch_size`` is global, each host reads
 its own shard of the data (``batch_size / process_count`` rows a step). Everything random is a function of
-(seed, step): the loss points (``fold_in(key, step)``), the clicks (numpy ``default_rng((seed, step,
-process))``) and the data (grain, whose iterator state is checkpointed), so a resumed run repeats an
-uninterrupted one exactly.
+(seed, step): the loss and prompts (``fold_in(key, step)``), the stage-2 clicks (numpy, per global row) and the
+data (grain, whose iterator state is checkpointed), so a resumed run repeats an uninterrupted one exactly.
 
 Every ``log_images_every`` steps, ``training.samples`` predicts a fixed set of training images with the current
 parameters (its own jitted forward, outside the train step) and writes image | ground truth | prediction panels
@@ -41,18 +38,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pisam_jax import models
-from pisam_jax.data import clicks as clicks_lib
 from pisam_jax.data import datasets as datasets_lib
 from pisam_jax.data import pipeline
-from pisam_jax.modeling.pi_decoder import PiBase
-from pisam_jax.models import ImageFeatures, ModelConfig
+from pisam_jax.models import ModelConfig
 from pisam_jax.training import checkpoints as ckpt_lib
 from pisam_jax.training import logging as log_lib
-from pisam_jax.training import losses, samples, trainable
+from pisam_jax.training import samples, stages, trainable
 from pisam_jax.training import step as step_lib
+from pisam_jax.training.stages import Stage
 
-PIXEL_MEAN = np.asarray([123.675, 116.28, 103.53], np.float32)
-PIXEL_STD = np.asarray([58.395, 57.12, 57.375], np.float32)
 EXPORT_DIR = "export"
 
 
@@ -81,8 +75,10 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-    if config.stage not in (1, 2):
-        raise UsageError(f"config.stage must be 1 (HR mask decoder) or 2 (precise interactor), got {config.stage}")
+    try:
+        stages.stage_name(config.stage)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if config.batch_size <= 0:
         raise UsageError(f"config.batch_size must be positive, got {config.batch_size}")
     n_dev, n_proc = jax.device_count(), jax.process_count()
@@ -185,10 +181,14 @@ def copy_matching(src: nnx.Module, dst: nnx.Module) -> tuple[list[str], list[str
     return copied, fresh
 
 
-def initial_model(config: ml_collections.ConfigDict) -> tuple[models.Sam, dict[str, Any]]:
-    """A Pi-SAM model for ``config.stage``: SAM (or stage-1) weights from ``init_from``, new modules fresh."""
-    stage = config.stage
+def initial_model(config: ml_collections.ConfigDict, stage: Stage) -> tuple[models.Sam, dict[str, Any]]:
+    """The model ``stage`` trains: weights from ``init_from`` where its paths and shapes match, the rest fresh.
+
+    ``init_from``: a model directory (converted or exported) or a training workdir (its latest checkpoint); empty
+    only with ``allow_random_init`` (a SAM from scratch, or tests). A fresh parameter must be one the stage trains.
+    """
     overrides = model_overrides(config)
+    decoder = dict(decoder=stage.decoder, interactor=stage.interactor)
     if not config.init_from:
         if not config.allow_random_init:
             raise UsageError(
@@ -196,16 +196,16 @@ def initial_model(config: ml_collections.ConfigDict) -> tuple[models.Sam, dict[s
                 "or for stage 2 a stage-1 workdir or export"
             )
         try:
-            cfg = ModelConfig.preset(config.model.model_type, "pi", interactor=stage == 2, **overrides)
+            cfg = ModelConfig.preset(config.model.model_type, **decoder, **overrides)
         except (TypeError, models.ModelError) as e:
             raise UsageError(f"config.model: {e}") from None
-        return models.build_model(cfg, seed=config.seed), {"init": "random", "stage": stage}
+        return models.build_model(cfg, seed=config.seed), {"init": "random", "stage": stage.name}
 
     src_path = Path(config.init_from)
     if not src_path.is_dir():
         raise UsageError(
             f"config.init_from {src_path}: directory not found; convert a SAM checkpoint first "
-            "(python -m convert.sam --checkpoint sam_vit_b_01ec64.pth --out DIR) or give a stage-1 workdir"
+            "(python -m convert.sam --checkpoint sam_vit_b_01ec64.pth --out DIR) or give a training workdir"
         )
     if ckpt_lib.is_workdir(src_path):
         src, src_step = ckpt_lib.load_workdir_model(src_path)
@@ -215,107 +215,59 @@ def initial_model(config: ml_collections.ConfigDict) -> tuple[models.Sam, dict[s
         origin = {"init_from": str(src_path.absolute())}
     sc = src.config
     fields = {f.name: getattr(sc, f.name) for f in dataclasses.fields(ModelConfig)}
-    fields.update(decoder="pi", interactor=stage == 2, provenance={})
+    fields.update(provenance={}, **decoder)
     for k, v in overrides.items():
         if fields.get(k) != v:
             raise UsageError(f"config.model.{k}={v} disagrees with init_from's {k}={fields.get(k)} ({src_path})")
-    if stage == 2 and sc.decoder != "pi":
+    if stage.interactor and sc.decoder != "pi":
         raise UsageError(
-            f"stage 2 starts from a stage-1 Pi-SAM (its workdir or export); {src_path} has a {sc.decoder!r} decoder"
+            f"stage {stage.name} starts from a stage-1 Pi-SAM (its workdir or export); {src_path} has a "
+            f"{sc.decoder!r} decoder"
         )
-    cfg = ModelConfig(**fields)
-    model = models.build_model(cfg, seed=config.seed)
+    model = models.build_model(ModelConfig(**fields), seed=config.seed)
     copied, fresh = copy_matching(src, model)
-    frozen_fresh = [p for p in fresh if p.startswith(("image_encoder", "prompt_encoder"))]
+    trains = stage.trainable()
+    trained_paths = {".".join(str(p) for p in path) for path, _ in nnx.state(model, trains).flat_state()}
+    frozen_fresh = [p for p in fresh if p not in trained_paths and not p.startswith("mask_decoder.interact_2.")]
     if frozen_fresh:
-        raise UsageError(f"init_from {src_path} lacks SAM weights such as {frozen_fresh[0]}")
-    origin.update(stage=stage, copied=len(copied), fresh=len(fresh))
+        raise UsageError(
+            f"init_from {src_path} lacks {frozen_fresh[0]}, which stage {stage.name} does not train "
+            f"({len(frozen_fresh)} such parameters)"
+        )
+    origin.update(stage=stage.name, copied=len(copied), fresh=len(fresh))
     return model, origin
 
 
-# -- jitted pieces ---------------------------------------------------------------------------------
-
-
-def normalise(images: jax.Array) -> jax.Array:
-    """uint8 (B, S, S, 3) -> SAM-normalised float32 (the loader pads with raw 128 before this, as the reference)."""
-    return (images.astype(jnp.float32) - PIXEL_MEAN) / PIXEL_STD
+# -- the frozen encoder ------------------------------------------------------------------------------
 
 
 def make_encode(graphdef, mesh):
-    """Jitted frozen encoder: (train_state, frozen_state, images uint8) -> (embeddings, interm[0])."""
+    """Jitted frozen encoder: (train_state, frozen_state, images) -> (embeddings, interm[0]), no gradient."""
 
     def encode(train_state, frozen_state, images):
         model = nnx.merge(graphdef, train_state, frozen_state)
-        emb, interm = model.image_encoder(normalise(images))
+        emb, interm = model.image_encoder(stages.normalise(images))
         return jax.lax.stop_gradient(emb), jax.lax.stop_gradient(interm[0])
 
     rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(encode, in_shardings=(rep, rep, data), out_shardings=(data, data))
 
 
-def _poison(total, batch):
-    if "poison" in batch:  # debug.nan_at_step: NaN in, NaN out
-        total = total + batch["poison"].sum()
-    return total
+def encoder_trains(train_state: nnx.State) -> bool:
+    """Whether any trainable parameter belongs to the image encoder (then it runs inside the loss)."""
+    return any(str(path[0]) == "image_encoder" for path, _ in train_state.flat_state())
 
 
-def stage1_loss_fn(num_points: int):
+def loss_fn_of(stage: Stage):
+    """``stage.loss`` plus the debug hook ``debug.nan_at_step`` (a NaN in the batch makes the loss NaN)."""
+
     def loss_fn(model, batch, key):
-        rgb = model.mask_decoder.rgb_embedding(normalise(batch["image"]))
-        features = ImageFeatures(batch["embeddings"], (batch["interm0"],), rgb)
-        base = model.pi_base(features, batch["box"][:, None])
-        high = model.pi_refine(features, base)
-        targets = batch["mask"].astype(jnp.float32) / 255.0
-        total, terms = losses.stage1_loss(
-            key, base.low_res, high, targets, weights=batch["has_object"], num_points=num_points
-        )
-        return _poison(total, batch), terms
+        total, terms = stage.loss(model, batch, key)
+        if "poison" in batch:
+            total = total + batch["poison"].sum()
+        return total, terms
 
     return loss_fn
-
-
-def stage2_loss_fn(num_points: int):
-    def loss_fn(model, batch, key):
-        features = ImageFeatures(None, (), batch["rgb"])
-        base = PiBase(batch["embedding"], batch["hyper_in"], batch["low_res"])
-        high = model.pi_refine(features, base, (batch["points"], batch["labels"]))
-        targets = batch["mask"].astype(jnp.float32) / 255.0
-        weights = batch["valid"].astype(jnp.float32) * batch["has_object"].astype(jnp.float32)
-        total, terms = losses.stage2_loss(key, high, targets, weights, num_points=num_points)
-        terms = dict(terms, valid_fraction=batch["valid"].astype(jnp.float32).mean())
-        return _poison(total, batch), terms
-
-    return loss_fn
-
-
-def make_stage2_base(graphdef, mesh):
-    """Jitted frozen base forward of stage 2: -> (rgb, PiBase, GT resized to the low-res grid, 0..255)."""
-
-    def base_fn(train_state, frozen_state, embeddings, interm0, images, boxes, masks):
-        model = nnx.merge(graphdef, train_state, frozen_state)
-        rgb = model.mask_decoder.rgb_embedding(normalise(images))
-        features = ImageFeatures(embeddings, (interm0,), rgb)
-        base = model.pi_base(features, boxes[:, None])
-        h, w = base.low_res.shape[-2:]
-        # labels_256 = F.interpolate(labels, (256, 256), bilinear): half-pixel centres, no antialias
-        low_gt = jax.image.resize(masks.astype(jnp.float32), (masks.shape[0], h, w), "linear", antialias=False)
-        return jax.lax.stop_gradient((rgb, base, low_gt))
-
-    rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(base_fn, in_shardings=(rep, rep, data, data, data, data, data), out_shardings=data)
-
-
-def local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order (one copy per row)."""
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    shards = {}
-    for s in x.addressable_shards:
-        shards.setdefault(s.index[0].start or 0, s.data)
-    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
-
-
-# -- embedding cache -------------------------------------------------------------------------------
 
 
 class EmbeddingCache:
@@ -372,6 +324,7 @@ def _replicated_abstract(tree, mesh):
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Result:
     """Runs (or resumes) training in ``workdir``. Raises UsageError, Diverged."""
     check_config(config)
+    stage = stages.get(config)
     workdir = Path(workdir).absolute()
     is_main = jax.process_index() == 0
     if is_main:
@@ -386,18 +339,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
             f"{n_images} training images in {config.data.datasets} are fewer than one batch of {config.batch_size}"
         )
     total_steps = config.max_steps or config.num_epochs * steps_per_epoch
-    stage = config.stage
     mesh = step_lib.make_data_mesh()
     ckpts = ckpt_lib.Checkpoints(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     writer = log_lib.MetricWriter(workdir, enabled=is_main)
 
     # model, optimiser, data: fresh or resumed
     latest = ckpts.latest_step()
-    filt = trainable.trainable_filter(stage)
+    filt = stage.trainable()
     lr = float(config.learning_rate)
     tx = step_lib.make_optimizer(steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs, learning_rate=lr)
     if latest is None:
-        model, provenance = initial_model(config)
+        model, provenance = initial_model(config, stage)
         graphdef, train_state, frozen_state = nnx.split(model, filt, ...)
         del model
         opt_state = tx.init(train_state)
@@ -408,8 +360,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
             (workdir / "config.json").write_text(json.dumps(config_json(config), indent=2) + "\n")
     else:
         _, meta = ckpt_lib.read_meta(workdir, latest)
-        if meta.get("stage") != stage:
-            raise UsageError(f"{workdir} holds a stage-{meta.get('stage')} run; use another --workdir for stage {stage}")
+        if stages.stage_name(meta.get("stage")) != stage.name:
+            raise UsageError(f"{workdir} holds a {meta.get('stage')} run; use another --workdir for {stage.name}")
         model_config = ModelConfig.from_json(meta["model_config"])
         provenance = meta.get("provenance", {})
         abstract = models.abstract_model(model_config)
@@ -430,17 +382,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
 
     if is_main:
         counts = trainable.param_counts(nnx.merge(graphdef, train_state, frozen_state), filt)
-        print(f"stage {stage}: training {counts['total']:,} parameters; {n_images} images, {steps_per_epoch} "
-              f"steps/epoch, steps {start} -> {total_steps}, global batch {config.batch_size} on "
-              f"{jax.device_count()} devices / {jax.process_count()} processes" + (" (resumed)" if start else ""),
-              flush=True)
+        print(f"{stage.name}: training {counts['total']:,} parameters ({', '.join(stage.trainable_modules())}); "
+              f"{n_images} images, {steps_per_epoch} steps/epoch, steps {start} -> {total_steps}, global batch "
+              f"{config.batch_size} on {jax.device_count()} devices / {jax.process_count()} processes"
+              + (" (resumed)" if start else ""), flush=True)
 
-    encode = make_encode(graphdef, mesh)
-    loss_fn = (stage1_loss_fn if stage == 1 else stage2_loss_fn)(config.num_points)
-    train_step = step_lib.make_train_step(graphdef, loss_fn, tx, mesh=mesh)
-    base_fn = make_stage2_base(graphdef, mesh) if stage == 2 else None
+    frozen_encoder = not encoder_trains(train_state)
+    encode = make_encode(graphdef, mesh) if frozen_encoder else None
+    stage.setup(graphdef, mesh)
+    train_step = step_lib.make_train_step(graphdef, loss_fn_of(stage), tx, mesh=mesh)
     params_finite = jax.jit(step_lib.all_finite)
-    cache = EmbeddingCache() if config.cache_embeddings else None
+    cache = EmbeddingCache() if config.cache_embeddings and frozen_encoder else None
     images_every = int(config.log_images_every)
     sample_logger = None
     if images_every:  # off: nothing read, nothing compiled
@@ -453,70 +405,46 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
     def save(step_no: int) -> None:
         if not bool(params_finite(train_state)):
             raise Diverged(f"non-finite parameters after step {step_no}")
-        meta = dict(step=step_no, stage=stage, model_config=model_config.to_json(), provenance=provenance,
-                    config=config_json(config))
+        meta = dict(step=step_no, stage=stage.name, trainable=list(stage.trainable_modules()),
+                    model_config=model_config.to_json(), provenance=provenance, config=config_json(config))
         ckpts.save(step_no, train_state=train_state, frozen_state=frozen_state, opt_state=opt_state,
                    data_iter=data_iter, meta=meta)
 
-    bar = log_lib.progress_bar(total_steps, start, enabled=is_main and config.progress)
+    bar = log_lib.progress_bar(total_steps, start, enabled=is_main and config.progress, desc=stage.name)
     metrics: dict[str, float] = {}
     last_saved = latest
-    window: list[float] = []  # losses since the last log line
+    window: list[dict[str, float]] = []  # the train step's metrics since the last log line
     try:
         for s in range(start, total_steps):
             t0 = time.perf_counter()
             batch = next(data_iter)
             t_data = time.perf_counter() - t0
-            images = np.asarray(batch["image"])
-            feats = None
-            if cache is not None:
-                keys, feats = cache.lookup(images)
-            if feats is None:
-                emb, interm0 = encode(train_state, frozen_state, _shard(images, mesh))
-                if cache is not None:
-                    cache.add(keys, local_rows(emb), local_rows(interm0))
-            else:
-                emb, interm0 = _shard(feats[0], mesh), _shard(feats[1], mesh)
-            host = {k: np.asarray(batch[k]) for k in ("image", "mask", "box", "has_object")}
+            host = {k: np.asarray(batch[k]) for k in ("image", "mask", "box", "has_object", "input_size")}
             if s == nan_step:
-                host["poison"] = np.full((images.shape[0],), np.nan, np.float32)
-            host_time = 0.0
-            if stage == 1:
-                dev = _shard(host, mesh)
-                dev.update(embeddings=emb, interm0=interm0)
-            else:
-                g = _shard(host, mesh)
-                rgb, base, low_gt = base_fn(train_state, frozen_state, emb, interm0, g["image"], g["box"], g["mask"])
-                th = time.perf_counter()
-                low = local_rows(base.low_res)[:, 0]
-                gt = local_rows(low_gt)
-                rng = np.random.default_rng((config.seed, s, jax.process_index()))
-                sim = clicks_lib.simulate_clicks_batch(low > 0, gt, rng, mode="train")
-                labels = np.where(sim["pad"], -1, sim["flags"]).astype(np.int32)
-                extra = {"points": sim["points"], "labels": labels, "valid": sim["valid"]}
-                if "poison" in host:
-                    extra["poison"] = host["poison"]
-                extra = _shard(extra, mesh)
-                host_time = time.perf_counter() - th
-                dev = dict(rgb=rgb, embedding=base.embedding, hyper_in=base.hyper_in, low_res=base.low_res,
-                           mask=g["mask"], has_object=g["has_object"], **extra)
+                host["poison"] = np.full((host["image"].shape[0],), np.nan, np.float32)
+            dev = _shard(host, mesh)
+            if frozen_encoder:
+                dev.update(frozen_features(encode, cache, train_state, frozen_state, host["image"], dev["image"]))
+            th = time.perf_counter()
+            dev, host_metrics = stage.prepare(train_state, frozen_state, dev, s)
+            host_time = time.perf_counter() - th
             key = jax.random.fold_in(base_key, s)
             train_state, opt_state, m = train_step(train_state, frozen_state, opt_state, dev, key)
             try:
-                metrics = step_lib.check_finite(m, s + 1)
+                step_metrics = step_lib.check_finite(m, s + 1)
             except FloatingPointError as e:
                 raise Diverged(str(e)) from None
+            window.append(step_metrics)
             dt = time.perf_counter() - t0
-            metrics.update(step_time=dt, data_time=t_data, images_per_s=config.batch_size / dt,
-                           epoch=s // steps_per_epoch)
-            if stage == 2:
-                metrics["host_fraction"] = host_time / dt
+            metrics = dict(step_metrics, **host_metrics, step_time=dt, data_time=t_data,
+                           images_per_s=config.batch_size / dt, epoch=s // steps_per_epoch,
+                           prepare_fraction=host_time / dt)
             if cache is not None:
                 metrics["cache_hits"] = cache.hits
             done = s + 1
-            window.append(metrics["loss"])
             if done % config.log_every_steps == 0 or done == total_steps:
-                writer.write(done, dict(metrics, loss_avg=float(np.mean(window))))
+                # the loss and its terms as means over the window, the timings as measured on this step
+                writer.write(done, dict(metrics, **{k: float(np.mean([w[k] for w in window])) for k in window[0]}))
                 window = []
             if sample_logger is not None and done % images_every == 0:  # every process: the forward is SPMD
                 sample_logger.log(done, train_state, frozen_state, writer)
@@ -537,10 +465,25 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
     export_path = None
     if jax.process_count() == 1 and total_steps > start:
         model = nnx.merge(graphdef, train_state, frozen_state)
-        export_path = str(ckpt_lib.export(model, workdir / EXPORT_DIR,
-                                          provenance={"trained_in": str(workdir), "stage": stage, "step": total_steps}))
+        export_path = str(ckpt_lib.export(model, workdir / EXPORT_DIR, provenance={
+            "trained_in": str(workdir), "stage": stage.name, "step": total_steps}))
     _barrier("done")
     return Result(step=total_steps, last_metrics=metrics, export=export_path, workdir=str(workdir))
+
+
+def frozen_features(encode, cache, train_state, frozen_state, images: np.ndarray, images_dev) -> dict[str, jax.Array]:
+    """The frozen encoder's outputs for this step's images: from the cache when every image is in it."""
+    mesh = images_dev.sharding.mesh
+    feats = None
+    if cache is not None:
+        keys, feats = cache.lookup(images)
+    if feats is None:
+        emb, interm0 = encode(train_state, frozen_state, images_dev)
+        if cache is not None:
+            cache.add(keys, step_lib.local_rows(emb), step_lib.local_rows(interm0))
+    else:
+        emb, interm0 = _shard(feats[0], mesh), _shard(feats[1], mesh)
+    return {"embeddings": emb, "interm0": interm0}
 
 
 def graphdef_config(graphdef, train_state, frozen_state) -> ModelConfig:

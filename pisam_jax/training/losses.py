@@ -142,13 +142,38 @@ def uncertain_point_coords(
     return select_uncertain_points(logits, candidates, fresh, num_uncertain)
 
 
-def _reduce(per_mask: jax.Array, num_masks, weights) -> jax.Array:
+def reduce_masks(per_mask: jax.Array, num_masks, weights) -> jax.Array:
     """Sum over the batch / num_masks, or the w-weighted sum / sum(w) (1 where sum(w) = 0)."""
     if weights is None:
         return per_mask.sum() / num_masks
     w = weights.astype(jnp.float32).reshape(per_mask.shape)
     total = w.sum()
     return (per_mask * w).sum() / jnp.where(total == 0, 1.0, total)
+
+
+def bce_per_mask(point_logits: jax.Array, point_labels: jax.Array) -> jax.Array:
+    """BCE-with-logits averaged over points: (..., P) -> (...)."""
+    x, t = point_logits, point_labels
+    # torch's binary_cross_entropy_with_logits: max(x, 0) - x t + log(1 + exp(-|x|))
+    return (jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))).mean(axis=-1)
+
+
+def dice_per_mask(point_logits: jax.Array, point_labels: jax.Array) -> jax.Array:
+    """1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1) over points, p = sigmoid: (..., P) -> (...)."""
+    p, t = jax.nn.sigmoid(point_logits), point_labels
+    return 1.0 - (2.0 * (p * t).sum(axis=-1) + 1.0) / (p.sum(axis=-1) + t.sum(axis=-1) + 1.0)
+
+
+def focal_per_mask(point_logits: jax.Array, point_labels: jax.Array, alpha: float = 0.25, gamma: float = 2.0):
+    """Sigmoid focal loss (Lin et al.; detectron2's ``sigmoid_focal_loss``, which SAM trains with) averaged over
+    points: alpha_t (1 - p_t)^gamma BCE, p_t = p t + (1 - p)(1 - t), alpha_t = alpha t + (1 - alpha)(1 - t).
+    (..., P) -> (...)."""
+    x, t = point_logits, point_labels
+    p = jax.nn.sigmoid(x)
+    ce = jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    p_t = p * t + (1.0 - p) * (1.0 - t)
+    alpha_t = alpha * t + (1.0 - alpha) * (1.0 - t)
+    return (alpha_t * (1.0 - p_t) ** gamma * ce).mean(axis=-1)
 
 
 def sigmoid_ce_loss(
@@ -158,11 +183,8 @@ def sigmoid_ce_loss(
 
     point_logits, point_labels (B, P); num_masks defaults to B; weights (B,) or None -> scalar.
     """
-    x, t = point_logits, point_labels
-    # torch's binary_cross_entropy_with_logits: max(x, 0) - x t + log(1 + exp(-|x|))
-    per_point = jnp.maximum(x, 0.0) - x * t + jnp.log1p(jnp.exp(-jnp.abs(x)))
-    num_masks = x.shape[0] if num_masks is None else num_masks
-    return _reduce(per_point.mean(axis=1), num_masks, weights)
+    num_masks = point_logits.shape[0] if num_masks is None else num_masks
+    return reduce_masks(bce_per_mask(point_logits, point_labels), num_masks, weights)
 
 
 def dice_loss(
@@ -172,11 +194,8 @@ def dice_loss(
 
     point_logits, point_labels (B, P); num_masks defaults to B; weights (B,) or None -> scalar.
     """
-    p = jax.nn.sigmoid(point_logits)
-    t = point_labels
-    per_mask = 1.0 - (2.0 * (p * t).sum(axis=1) + 1.0) / (p.sum(axis=1) + t.sum(axis=1) + 1.0)
     num_masks = point_logits.shape[0] if num_masks is None else num_masks
-    return _reduce(per_mask, num_masks, weights)
+    return reduce_masks(dice_per_mask(point_logits, point_labels), num_masks, weights)
 
 
 def mask_losses_at(
@@ -257,3 +276,39 @@ def stage2_loss(
     high = mask_losses(key, pred_high, targets, weights=valid, **kwargs)
     terms = {"bce_1024": high["bce"], "dice_1024": high["dice"]}
     return terms["bce_1024"] + terms["dice_1024"], terms
+
+
+# -- SAM's own training (the SAM paper, appendix A): focal + dice at 20:1 and an MSE on the predicted IoU ----------
+
+
+def sam_mask_terms(
+    key: jax.Array, logits: jax.Array, targets: jax.Array, *, num_points: int = NUM_POINTS
+) -> dict[str, jax.Array]:
+    """Per-mask focal and Dice losses of M candidate masks per sample, at importance-sampled points.
+
+    logits (B, M, h, w); targets (B, H, W) in [0, 1] -> {"focal", "dice"}, each (B, M), not reduced: SAM keeps
+    the smallest loss over its ambiguous outputs. Each mask gets its own points (chosen on its own logits).
+    """
+    b, m, h, w = logits.shape
+    flat = logits.reshape(b * m, h, w).astype(jnp.float32)
+    coords = uncertain_point_coords(key, flat, num_points=num_points)  # (B M, P, 2)
+    point_logits = point_sample(flat, coords)
+    p = coords.shape[1]
+    point_labels = jax.lax.stop_gradient(point_sample(_as_bhw(targets, "targets"), coords.reshape(b, m * p, 2)))
+    point_labels = point_labels.reshape(b * m, p)
+    return {
+        "focal": focal_per_mask(point_logits, point_labels).reshape(b, m),
+        "dice": dice_per_mask(point_logits, point_labels).reshape(b, m),
+    }
+
+
+def mask_iou(logits: jax.Array, gt: jax.Array) -> jax.Array:
+    """IoU of ``logits > 0`` with ``gt > 0.5`` on the same grid: logits (B, M, h, w), gt (B, h, w) -> (B, M).
+
+    An empty union counts as IoU 1 (both masks empty agree). Not differentiable (a target for the IoU head).
+    """
+    pred = logits > 0
+    true = (gt > 0.5)[:, None]
+    inter = (pred & true).sum(axis=(-2, -1))
+    union = (pred | true).sum(axis=(-2, -1))
+    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0).astype(jnp.float32)

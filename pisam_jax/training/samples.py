@@ -3,10 +3,11 @@
 The samples are the first ``count`` training images (the loop has no validation split), read once with the
 deterministic training transform (long side to the model's size, padded; no flip, no jitter), so the panels of
 one run are comparable across steps. At a logging step the current parameters predict them in one jitted
-forward (compiled once, on the first logging step; outside the train step, no gradient): encoder -> RGB embedding
--> ``pi_base`` (the tight GT box) -> ``pi_refine`` -> the 1024^2 head's logits > 0. Stage 2 adds clicks: simulated
-once, with a fixed seed, from the frozen 256^2 prediction as the training step simulates them (the base is frozen
-in stage 2, so they stay the same all run), then given to the Precise Interactor at every logging step.
+forward (compiled once, on the first logging step; outside the train step, no gradient): the stage's
+``preview`` from the tight GT box (SAM and HQ-SAM: the single mask, upsampled; Pi-SAM: the 1024^2 head's
+logits > 0). Pi-SAM stage 2 adds clicks: simulated once, with a fixed seed, from the frozen 256^2 prediction as
+the training step simulates them (the base is frozen in stage 2, so they stay the same all run), then given to
+the Precise Interactor at every logging step.
 
 One panel a sample, tag ``samples/<i>``, tiles at most ``size`` px on their long side, cropped to the image
 (padding dropped):
@@ -37,6 +38,7 @@ from pisam_jax.data import pipeline
 from pisam_jax.data.datasets import Dataset
 from pisam_jax.overlay import draw_overlay
 from pisam_jax.training import step as step_lib
+from pisam_jax.training.stages.base import resize_to
 
 TAG = "samples"
 GAP = 4  # white pixels between the tiles of a panel
@@ -60,26 +62,20 @@ def fixed_samples(datasets: Sequence[Dataset], count: int, image_size: int) -> d
     return out
 
 
-def make_predict(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
+def make_predict(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, stage):
     """Jitted ``(train_state, frozen_state, batch, clicks) -> {"mask", "low_res", "low_gt"}``, replicated outputs.
 
-    batch: ``image`` (B, S, S, 3) uint8, ``mask`` (B, S, S) uint8, ``box`` (B, 4), sharded over ``"data"``;
-    clicks: None or (points (B, N, 2) normalised, labels (B, N) 1 / 0 / -1 padding). Outputs: ``mask`` (B, S, S)
-    bool, the 1024^2 head's logits > 0; ``low_res`` (B, h, w) the 256^2 logits; ``low_gt`` (B, h, w) the mask
-    resized to that grid as the training step resizes it (for the click simulation). Compiled once a run: stage 1
-    gives clicks None, stage 2 always gives clicks of the same shape.
+    batch: ``image`` (B, S, S, 3), ``mask`` (B, S, S), ``box`` (B, 4), sharded over ``"data"``; clicks: None or
+    (points (B, N, 2) normalised, labels (B, N) 1 / 0 / -1 padding). Outputs: ``mask`` (B, S, S) bool, the stage's
+    prediction from the tight box (``stage.preview``); ``low_res`` (B, h, w) its low-resolution logits;
+    ``low_gt`` (B, h, w) the mask resized to that grid as the training step resizes it (for the click
+    simulation). Compiled once a run: a stage gives clicks always or never, of one shape.
     """
-    from pisam_jax.training.loop import normalise
-
     def predict(train_state, frozen_state, batch, clicks):
         model = nnx.merge(graphdef, train_state, frozen_state)
-        features = model.encode(normalise(batch["image"]))
-        base = model.pi_base(features, batch["box"][:, None])
-        high = model.pi_refine(features, base, clicks)
-        masks = batch["mask"].astype(jnp.float32)
-        h, w = base.low_res.shape[-2:]
-        low_gt = jax.image.resize(masks, (masks.shape[0], h, w), "linear", antialias=False)
-        return dict(mask=high[:, 0] > 0, low_res=base.low_res[:, 0], low_gt=low_gt)
+        mask, low_res = stage.preview(model, batch, clicks)
+        low_gt = resize_to(batch["mask"].astype(jnp.float32), low_res.shape[-2:])
+        return dict(mask=mask, low_res=low_res, low_gt=low_gt)
 
     return jax.jit(predict, out_shardings=NamedSharding(mesh, P()))
 
@@ -144,17 +140,17 @@ def compose_panel(
 class SampleLogger:
     """Predicts the fixed samples with the current parameters and writes one panel each (see the module doc).
 
-        samples = SampleLogger(graphdef, mesh, fixed_samples(datasets, 4, 1024), stage=1, seed=0, size=256)
+        samples = SampleLogger(graphdef, mesh, fixed_samples(datasets, 4, 1024), stage=stage, seed=0, size=256)
         samples.log(step, train_state, frozen_state, writer)   # on every process
     """
 
-    def __init__(self, graphdef, mesh, samples: dict[str, np.ndarray], *, stage: int, seed: int, size: int):
+    def __init__(self, graphdef, mesh, samples: dict[str, np.ndarray], *, stage, seed: int, size: int):
         self.samples = samples
         self.count = len(samples["name"])
         self.stage = stage
         self.seed = seed
         self.size = size
-        self.predict = make_predict(graphdef, mesh)
+        self.predict = make_predict(graphdef, mesh, stage)
         self.mesh = mesh
         # rows padded (repeating the samples) to a multiple of the device count; each process places its rows
         n_dev, n_proc, rank = jax.device_count(), jax.process_count(), jax.process_index()
@@ -163,8 +159,8 @@ class SampleLogger:
         per = rows // n_proc
         self._local = self._take[rank * per:(rank + 1) * per]
         self.batch = step_lib.shard_batch({k: samples[k][self._local] for k in ("image", "mask", "box")}, mesh)
-        self.points = self.labels = None  # stage 2: the simulated clicks, (K, N, 2) and (K, N)
-        self._clicks = None  # what the forward gets: None (stage 1) or the clicks as sharded arrays
+        self.points = self.labels = None  # stages with clicks: the simulated clicks, (K, N, 2) and (K, N)
+        self._clicks = None  # what the forward gets: None, or the clicks as sharded arrays
 
     def _stage2_clicks(self, train_state, frozen_state) -> None:
         """The stage-2 clicks of the samples, once: from the frozen box-only 256^2 prediction, a fixed rng.
@@ -184,7 +180,7 @@ class SampleLogger:
 
     def log(self, step: int, train_state, frozen_state, writer) -> None:
         """Every process calls this at the same steps; ``writer.image`` writes where the writer is enabled."""
-        if self.stage == 2 and self._clicks is None:
+        if self.stage.uses_clicks and self._clicks is None:
             self._stage2_clicks(train_state, frozen_state)
         out = self.predict(train_state, frozen_state, self.batch, self._clicks)
         if not writer.writes_images:  # another process writes (or no tensorboardX)

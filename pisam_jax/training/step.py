@@ -8,7 +8,7 @@ SAM's transformer). The optimiser state exists only for the trainable leaves, wh
 Data parallel: one ``jax.jit`` over a ``("data",)`` mesh, the batch sharded on its leading axis
 (``NamedSharding(mesh, P("data"))``), state and key replicated (``P()``); XLA inserts the gradient all-reduce.
 
-    graphdef, train_state, frozen_state = nnx.split(model, trainable_filter(1), ...)
+    graphdef, train_state, frozen_state = nnx.split(model, trainable_filter(TRAINABLE["stage1"]), ...)
     tx = make_optimizer(num_epochs=100, steps_per_epoch=len(loader))
     opt_state = tx.init(train_state)
     mesh = make_data_mesh()
@@ -122,6 +122,16 @@ def shard_batch(batch, mesh: jax.sharding.Mesh):
     """
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order (one copy per row)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    shards = {}
+    for s in x.addressable_shards:
+        shards.setdefault(s.index[0].start or 0, s.data)
+    return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
 
 
 # -- the step -----------------------------------------------------------------------------------

@@ -1,13 +1,18 @@
 """What trains: one predicate over parameter paths (PISAM_SPEC.md 1, 3.3, 5.4, D2, D4).
 
-Stage 1 (HR Mask Decoder) trains every new Pi-SAM decoder module except the interactor; stage 2 (Precise
-Interactor) trains only ``mask_decoder.interact_2``. SAM (image encoder, prompt encoder, SAM's own mask decoder
-layers) never trains, and neither does anything that is not an ``nnx.Param``: ``Buffer`` variables (the interactor's
-``img_pe``, its PE Gaussian matrix and Laplacian kernel) are frozen by type.
+A stage trains the ``nnx.Param`` variables under a few module paths of the model (dotted, as the module tree:
+``"mask_decoder.hf_token"``, ``"image_encoder"``); everything else is frozen. Anything that is not an
+``nnx.Param`` never trains: ``Buffer`` variables (the interactor's ``img_pe``, its PE Gaussian matrix and
+Laplacian kernel) are frozen by type.
+
+  * SAM: its own modules; from scratch all three, fine-tuning a converted SAM its mask decoder (or all);
+  * HQ-SAM (its paper's recipe): the HQ token, its MLP and the feature-fusion layers;
+  * Pi-SAM stage 1 (HR Mask Decoder): every new decoder module except the interactor, with the RGB embedding (D2);
+  * Pi-SAM stage 2 (Precise Interactor): only ``interact_2``.
 
 The filter works wherever Flax takes one:
 
-    trainable = trainable_filter(stage=1)
+    trainable = trainable_filter(TRAINABLE["stage1"])
     graphdef, train_state, frozen_state = nnx.split(model, trainable, ...)
     optimizer = nnx.Optimizer(model, tx, wrt=trainable)
 """
@@ -20,43 +25,34 @@ import jax
 import numpy as np
 from flax import nnx
 
-# Modules directly under the decoder that each stage trains (spec 3.3; ``rgb_embed`` per D2).
-STAGE_MODULES: dict[int, tuple[str, ...]] = {
-    1: (
-        "hf_token",
-        "hf_mlp",
-        "compress_vit_feat",
-        "embedding_encoder",
-        "embedding_maskfeature",
-        "embedding_act",
-        "mask_aspp",
-        "output_upscaling_2",
-        "out_act",
-        "rgb_embed",
-    ),
-    2: ("interact_2",),
+_HQ = ("hf_token", "hf_mlp", "compress_vit_feat", "embedding_encoder", "embedding_maskfeature")
+# Pi-SAM's new decoder modules (spec 3.3) besides HQ-SAM's, with ``rgb_embed`` (D2).
+_PI = ("embedding_act", "mask_aspp", "output_upscaling_2", "out_act", "rgb_embed")
+
+SAM_MODULES = ("image_encoder", "prompt_encoder", "mask_decoder")
+TRAINABLE: dict[str, tuple[str, ...]] = {
+    "sam": SAM_MODULES,
+    "hq": tuple(f"mask_decoder.{m}" for m in _HQ),
+    "stage1": tuple(f"mask_decoder.{m}" for m in _HQ + _PI),
+    "stage2": ("mask_decoder.interact_2",),
 }
 
-DECODER_PATH = ("mask_decoder",)
 
+def trainable_filter(modules: Sequence[str]) -> nnx.filterlib.Filter:
+    """The nnx filter selecting the ``nnx.Param`` variables under any of ``modules`` (dotted module paths).
 
-def trainable_filter(stage: int, *, root: Sequence[str] = DECODER_PATH) -> nnx.filterlib.Filter:
-    """The nnx filter selecting the ``nnx.Param`` variables that train in ``stage`` (1 or 2).
-
-    ``root``: the path of the decoder inside the model: ``("mask_decoder",)`` for the whole ``Sam`` model,
-    ``()`` when the filter is applied to the decoder itself. A parameter trains when its path is
-    ``root + (module, ...)`` with ``module`` in ``STAGE_MODULES[stage]``.
+    A path names a module of the model (``"mask_decoder.interact_2"``) or, for a filter applied to a submodule,
+    of that submodule (``"interact_2"`` on the decoder).
     """
-    if stage not in STAGE_MODULES:
-        raise ValueError(f"stage must be 1 (HR mask decoder) or 2 (precise interactor), got {stage!r}")
-    root = tuple(root)
-    modules = frozenset(STAGE_MODULES[stage])
-    n = len(root)
+    if isinstance(modules, str) or not modules:
+        raise ValueError(f"modules must be a non-empty sequence of dotted module paths, got {modules!r}")
+    prefixes = tuple(tuple(m.split(".")) for m in modules)
 
-    def in_stage(path: tuple, _value) -> bool:
-        return len(path) > n and tuple(path[:n]) == root and path[n] in modules
+    def under(path: tuple, _value) -> bool:
+        names = tuple(str(p) for p in path)
+        return any(names[: len(p)] == p for p in prefixes)
 
-    return nnx.All(nnx.Param, in_stage)
+    return nnx.All(nnx.Param, under)
 
 
 def param_counts(model: nnx.Module, filter_: nnx.filterlib.Filter = nnx.Param, *, depth: int = 2) -> dict[str, int]:

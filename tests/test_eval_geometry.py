@@ -12,6 +12,8 @@ Also: ``Predictor.set_image``'s float input.
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -116,6 +118,16 @@ def test_stretch_eval_matches_the_reference(setup, seg, tmp_path):
         assert frac <= MAX_DISAGREE
         gt = np.asarray(Image.open(sample.mask_path))
         np.testing.assert_array_equal(seg.gt_box(gt), box)  # exact: the same float GT, the same > 128
+
+
+def test_predictions_made_with_rounded_resizes_are_not_resumed(setup, seg, tmp_path):
+    """An output folder from before the float geometry (its settings lack ``float_resize``) is an error, not a mix."""
+    old = dict(seg.settings)
+    del old["float_resize"]
+    (tmp_path / "pi").mkdir()
+    (tmp_path / "pi" / "settings.json").write_text(json.dumps(old))
+    with pytest.raises(loop.EvalError, match="float_resize: None there, True now"):
+        loop.evaluate_dataset(seg, setup["dataset"], tmp_path, metrics=("iou",), show_progress=False)
 
 
 def test_stretch_logits_and_clicks_match_the_reference(setup, seg):

@@ -96,9 +96,13 @@ class BoxSegmenter:
 
     @property
     def settings(self) -> dict:
-        """What determines the predictions (recorded beside them so a resume never mixes settings)."""
+        """What determines the predictions (recorded beside them so a resume never mixes settings).
+
+        ``float_resize``: the stretched image and the resized GT are not rounded (spec 7.2); predictions saved
+        before that (which lack the key) are not resumed.
+        """
         return dict(decoder=self.decoder, geometry=self.geometry, image_size=self.size,
-                    hq_token_only=self.hq_token_only, multimask_output=False)
+                    hq_token_only=self.hq_token_only, multimask_output=False, float_resize=True)
 
     # ------------------------------------------------------------------ image and box
 

@@ -4,7 +4,8 @@
 
 * train pipeline throughput (images/s of 1024x1024 training samples, decode + flip +
   large-scale jitter + crop/pad + box) on synthetic ``--size`` px JPEGs, with 0 and N
-  worker processes; the same for the eval pipeline (``stretch``);
+  worker processes; the same for the eval pipeline (``stretch``); ``sample_mib``: host
+  memory of one sample's arrays (float32 image and mask: 16 MiB at 1024^2);
 * click simulation time per sample at 256x256 and 1024x1024 (ours, numpy/scipy), next
   to the reference's method (torch max-pool erosion + cv2.connectedComponents + topk).
 """
@@ -36,15 +37,17 @@ def bench_pipeline(root: str, n: int, workers: int, threads: int, kind: str):
         ds = pipeline.eval_iter(pipeline.eval_dataset(d, shard_index=0, shard_count=1).repeat(None),
                                 threads=threads, workers=workers)
     it = iter(ds)
-    for _ in range(max(2, workers * 2)):  # warm up (worker start, first decodes)
+    first = next(it)
+    for _ in range(max(1, workers * 2 - 1)):  # warm up (worker start, first decodes)
         next(it)
+    sample_mib = sum(v.nbytes for v in first.values() if isinstance(v, np.ndarray)) / 2 ** 20
     t0 = time.perf_counter()
     for _ in range(n):
         next(it)
     dt = time.perf_counter() - t0
     _emit(bench="data_pipeline", pipeline=kind, out_size=1024, src_size=max(d[0].height, d[0].width),
           workers=workers, threads=threads, images=n, images_per_s=round(n / dt, 2),
-          cpus=os.cpu_count())
+          sample_mib=round(sample_mib, 2), cpus=os.cpu_count())
 
 
 def _click_inputs(size: int, count: int):

@@ -1,7 +1,7 @@
 """Encode an image once, then prompt it many times: ``segment_anything.SamPredictor``'s contract in JAX.
 
     predictor = Predictor(load_model("checkpoints/sam_vit_b"))
-    predictor.set_image(image)                       # (H, W, 3) uint8 RGB; runs the encoder
+    predictor.set_image(image)                       # (H, W, 3) RGB, uint8 or float 0..255; runs the encoder
     masks, scores, low_res = predictor.predict(box=np.array([x0, y0, x1, y1]))
 
 HQ-SAM models (``convert.hq_sam``) take the same calls plus ``hq_token_only``, as
@@ -70,10 +70,14 @@ class Predictor:
         return self.features is not None
 
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        """Encodes ``image`` (H, W, 3) uint8 and keeps its features for the prompts that follow."""
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise PromptError(f"set_image expects an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+        """Encodes ``image`` (H, W, 3) and keeps its features for the prompts that follow.
+
+        uint8 is ``SamPredictor.set_image``'s input, bit for bit. A float image holds the same 0..255
+        scale (not 0..1) and is used without rounding: resized (if its long side is not the model's
+        input size) by the same filter in float, then normalised, as the Pi-SAM reference feeds its
+        stretched float images (``evaluation.segmenter``, PISAM_SPEC 7.2).
+        """
+        image = _check_image(image)
         if image_format not in ("RGB", "BGR"):
             raise PromptError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
         if image_format == "BGR":
@@ -249,6 +253,22 @@ class Predictor:
         if masks.ndim != 4 or masks.shape[1:] != (1, grid, grid):
             raise PromptError(f"mask_input must be (1, {grid}, {grid}) low-res logits, got {masks.shape[1:]}")
         return masks
+
+
+def _check_image(image) -> np.ndarray:
+    """An (H, W, 3) uint8 image as is, or a float one as float32 with every value in 0..255."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise PromptError(f"set_image expects an (H, W, 3) RGB image, got shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    if not np.issubdtype(image.dtype, np.floating):
+        raise PromptError(f"set_image expects uint8 or float pixels (0..255), got {image.dtype}")
+    image = image.astype(np.float32, copy=False)
+    lo, hi = float(image.min()), float(image.max())
+    if not (0.0 <= lo and hi <= 255.0):  # also catches NaN
+        raise PromptError(f"a float image must hold values in 0..255, got {lo:g}..{hi:g}")
+    return image
 
 
 def _decode(graphdef, state, features, points, boxes, masks, *, multimask_output, hq_token_only):

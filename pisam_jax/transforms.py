@@ -1,9 +1,11 @@
 """Image geometry: resizes, padding and the model-frame conventions (plain functions).
 
-Conventions: images are numpy arrays (H, W) or (H, W, C), row-major, pixel (row, col).
-``resize_bilinear`` is PyTorch's ``F.interpolate(mode="bilinear", align_corners=False)``
-without antialias, computed in float32 (exact to float rounding); ``resize_longest_side``
-is SAM's ``ResizeLongestSide.apply_image`` (PIL bilinear), bit for bit.
+Conventions: images are numpy arrays (H, W) or (H, W, C), row-major, pixel (row, col), values
+0..255 (uint8, or float without rounding). ``resize_bilinear`` is PyTorch's
+``F.interpolate(mode="bilinear", align_corners=False)`` without antialias on the float values,
+computed in float32 (exact to float rounding) and never rounded back to uint8, as the Pi-SAM
+reference resizes float tensors (PISAM_SPEC 5.3, 7.2); ``resize_longest_side`` is SAM's
+``ResizeLongestSide.apply_image`` (PIL bilinear), bit for bit on uint8.
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ def _as_hw(size) -> tuple[int, int]:
 
 
 def _bilinear_taps(n_in: int, n_out: int):
-    """Source indices and weights of torch's align_corners=False bilinear along one axis."""
+    """Source indices and weights of torch's align_corners=False bilinear along one axis.
+
+    torch's CPU kernel computes the source coordinate ``scale * (i + 0.5) - 0.5`` in float32 with one
+    fused multiply-add (a single rounding); so do we (exact in float64, then rounded once), or the
+    weights would differ by an ulp of the coordinate (up to ~4e-3 on 0..255 values, 3000-px side).
+    """
     scale = np.float32(n_in) / np.float32(n_out)
-    src = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    centres = np.arange(n_out, dtype=np.float64) + 0.5
+    src = (centres * np.float64(scale) - 0.5).astype(np.float32)
     src = np.maximum(src, np.float32(0.0))
     i0 = src.astype(np.int64)  # floor, src >= 0
     i0 = np.minimum(i0, n_in - 1)
@@ -32,20 +40,12 @@ def _bilinear_taps(n_in: int, n_out: int):
     return i0, i1, w0, w1
 
 
-def _cast_back(out: np.ndarray, dtype) -> np.ndarray:
-    if dtype == np.uint8:
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    if dtype == np.bool_:
-        return out > 0.5
-    return out
-
-
 def resize_bilinear(image: np.ndarray, size, window=None) -> np.ndarray:
-    """Bilinear resize to ``size`` = (h, w) (or an int for a square), no antialias.
+    """Bilinear resize to ``size`` = (h, w) (or an int for a square), no antialias: float32 out.
 
     Matches ``torch.nn.functional.interpolate(x, size, mode="bilinear",
-    align_corners=False)`` on the float image (to float32 rounding). uint8 in ->
-    uint8 out (rounded to nearest), bool -> bool (> 0.5), anything else -> float32.
+    align_corners=False)`` on the image's values as float (to float32 rounding), for any
+    real input dtype; the result is not rounded (a uint8 image gives fractional values).
     ``window`` = (top, left, height, width) returns only that crop of the resized
     image, computing nothing outside it (same values as resize-then-crop).
     """
@@ -60,15 +60,14 @@ def resize_bilinear(image: np.ndarray, size, window=None) -> np.ndarray:
     extra = (1,) * (image.ndim - 2)
     rw0, rw1 = rw0.reshape((-1, 1) + extra), rw1.reshape((-1, 1) + extra)
     cw0, cw1 = cw0.reshape((1, -1) + extra), cw1.reshape((1, -1) + extra)
-    src = image.astype(np.uint8) if image.dtype == np.bool_ else image
     # Rows first (gathered in the input dtype, cheap), then columns.
-    rows = rw0 * src[ri0].astype(np.float32) + rw1 * src[ri1].astype(np.float32)
-    out = np.take(rows, ci0, axis=1) * cw0 + np.take(rows, ci1, axis=1) * cw1
-    return _cast_back(out, image.dtype)
+    rows = rw0 * image[ri0].astype(np.float32) + rw1 * image[ri1].astype(np.float32)
+    return np.take(rows, ci0, axis=1) * cw0 + np.take(rows, ci1, axis=1) * cw1
 
 
 def resize_stretch(image: np.ndarray, size=1024) -> np.ndarray:
-    """The reference's test-time ``Resize(1024)``: bilinear to size x size, aspect ratio not kept (D7)."""
+    """The reference's test-time ``Resize(1024)``: bilinear to size x size, aspect ratio not kept, float32
+    out, not rounded (D7, PISAM_SPEC 7.2)."""
     return resize_bilinear(image, size)
 
 
@@ -81,15 +80,24 @@ def longest_side_shape(h: int, w: int, target: int = 1024) -> tuple[int, int]:
 def resize_longest_side(image: np.ndarray, target: int = 1024) -> np.ndarray:
     """SAM's ``ResizeLongestSide(target).apply_image``: PIL bilinear to ``longest_side_shape``.
 
-    ``image`` is uint8 (H, W, 3) or (H, W) (a mask); the result has the same dtype and
-    number of channels. Bit-exact with segment_anything's implementation.
+    ``image`` is (H, W, 3) or (H, W) (a mask), uint8 or float 0..255. uint8 gives uint8,
+    bit-exact with segment_anything's implementation; float gives float32 from the same PIL
+    filter run per channel on the float values, not rounded. An image already of that
+    shape is returned unchanged.
     """
     image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"resize_longest_side expects uint8, got {image.dtype}")
     new_h, new_w = longest_side_shape(image.shape[0], image.shape[1], target)
-    pil = Image.fromarray(image)
-    return np.asarray(pil.resize((new_w, new_h), Image.BILINEAR))
+    if image.dtype == np.uint8:
+        return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"resize_longest_side expects uint8 or float, got {image.dtype}")
+    image = image.astype(np.float32, copy=False)
+    if image.shape[:2] == (new_h, new_w):
+        return image
+    planes = image[..., None] if image.ndim == 2 else image
+    out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(planes[..., c])).resize(
+        (new_w, new_h), Image.BILINEAR)) for c in range(planes.shape[-1])], axis=-1)
+    return out[..., 0] if image.ndim == 2 else out
 
 
 def pad_to_square(image: np.ndarray, size: int = 1024, value=0) -> np.ndarray:

@@ -3,14 +3,17 @@
 Training (PISAM_SPEC 5.3, the HQ-SAM loader): horizontal flip with p = 0.5, large-scale
 jitter (long side -> round(s * 1024), s ~ U[0.8, 1.6), bilinear without antialias), a
 random crop to at most 1024 per side, padding bottom/right to 1024 (image 128, mask 0),
-and the tight box of ``mask > 128``. When the crop loses the object the sample is kept
-with ``has_object = False`` and the box of the whole unpadded crop: the training step
-should give it zero loss weight (the reference trained it with a (1e8, 1e8, 0, 0) box
-and an empty target). Optional box noise (off by default, as in the reference).
+and the tight box of ``mask > 128``. As in the reference, image and mask are resized as
+float 0..255 and stay float32, never rounded: the mask's soft edge values are the loss
+targets (``mask / 255``) and decide the box. When the crop loses the object the sample
+is kept with ``has_object = False`` and the box of the whole unpadded crop: the training
+step should give it zero loss weight (the reference trained it with a (1e8, 1e8, 0, 0)
+box and an empty target). Optional box noise (off by default, as in the reference).
 
-Evaluation: ``stretch`` (bilinear to 1024 x 1024, the paper's tables) or
-``longest_side`` (SAM's ResizeLongestSide + padding), D7. Samples keep their name,
-original size and mask path, to be scored at the original resolution.
+Evaluation: ``stretch`` (bilinear to 1024 x 1024 in float, the paper's tables) or
+``longest_side`` (SAM's ResizeLongestSide + padding), D7; float32 out, the box from the
+float resized mask. Samples keep their name, original size and mask path, to be scored
+at the original resolution.
 
 Determinism: everything random derives from ``seed`` and the element index (grain's
 ``random_map``), so the stream is the same for any number of threads or workers, and
@@ -92,7 +95,7 @@ class TrainAugment:
         top = int(rng.integers(0, sh - ch + 1))
         left = int(rng.integers(0, sw - cw + 1))
         window = (top, left, ch, cw)
-        image = transforms.resize_bilinear(image, (sh, sw), window=window)
+        image = transforms.resize_bilinear(image, (sh, sw), window=window)  # float32, not rounded
         mask = transforms.resize_bilinear(mask, (sh, sw), window=window)
         box, has_object = tight_box(mask)
         if not has_object:
@@ -107,10 +110,12 @@ class TrainAugment:
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
-    """Test-time geometry (D7): ``stretch`` or ``longest_side``; box from the resized mask.
+    """Test-time geometry (D7): ``stretch`` or ``longest_side``; box from the float resized mask.
 
-    ``longest_side`` pads the uint8 image bottom/right with ``pad_value`` (0). SAM pads
-    *after* normalisation (with 0, i.e. the pixel mean): to be exact, the model's
+    ``stretch`` resizes image and mask bilinearly in float (PISAM_SPEC 7.2). ``longest_side``
+    resizes the image with SAM's uint8 PIL resize (bit-exact with ``ResizeLongestSide``) and the
+    mask with the same filter in float, and pads the image bottom/right with ``pad_value`` (0).
+    SAM pads *after* normalisation (with 0, i.e. the pixel mean): to be exact, the model's
     preprocessing should zero the normalised image outside ``input_size``.
     """
 
@@ -130,8 +135,8 @@ class EvalTransform:
             image = transforms.resize_stretch(image, self.size)
             mask_r = transforms.resize_stretch(mask, self.size)
         else:
-            image = transforms.resize_longest_side(image, self.size)
-            mask_r = transforms.resize_longest_side(mask, self.size)
+            image = transforms.resize_longest_side(image, self.size).astype(np.float32)
+            mask_r = transforms.resize_longest_side(mask.astype(np.float32), self.size)
         input_size = np.array(mask_r.shape, np.int32)
         box, has_object = tight_box(mask_r)
         out = dict(image=transforms.pad_to_square(image, self.size, self.pad_value),
@@ -215,9 +220,10 @@ def train_dataset(datasets: Sequence[Dataset | Sequence[Sample]], *, batch_size:
                   workers: int = 0) -> grain.IterDataset:
     """Training batches: dicts of numpy arrays with a leading ``batch_size`` axis.
 
-    ``image`` (B, 1024, 1024, 3) uint8, ``mask`` (B, 1024, 1024) uint8 0..255, ``box``
+    ``image`` (B, 1024, 1024, 3) float32 0..255, ``mask`` (B, 1024, 1024) float32 0..255
+    (soft at resized edges; the loss target is ``mask / 255``), ``box``
     (B, 4) float32 (x0, y0, x1, y1), ``has_object`` (B,) bool, ``input_size`` (B, 2) int32
-    (the unpadded crop). ``batch_size`` is per host. ``iter(ds)`` gives a checkpointable
+    (the unpadded crop); 16 MiB of host memory a sample. ``batch_size`` is per host. ``iter(ds)`` gives a checkpointable
     iterator (``get_state`` / ``set_state``). Images are read and augmented in ``threads``
     threads with up to ``prefetch`` images ahead; ``workers`` > 0 runs all of it in that
     many processes (each with its threads).
@@ -233,9 +239,10 @@ def eval_dataset(dataset: Dataset | Sequence[Sample], *, geometry: str = "stretc
                  shard_count: int | None = None) -> grain.MapDataset:
     """Evaluation samples in order (unbatched: original sizes differ), this host's shard.
 
-    Each is a dict: ``image`` (S, S, 3) uint8, ``mask`` (S, S) uint8 (the GT in the model
-    frame), ``box`` (4,) float32 from it, ``has_object``, ``input_size`` (2,) (resized size
-    before padding), ``original_size`` (2,) (H, W), ``name``, ``dataset``, ``mask_path``,
+    Each is a dict: ``image`` (S, S, 3) float32 0..255, ``mask`` (S, S) float32 0..255 (the
+    GT in the model frame, not rounded), ``box`` (4,) float32 from it, ``has_object``,
+    ``input_size`` (2,) (resized size before padding), ``original_size`` (2,) (H, W),
+    ``name``, ``dataset``, ``mask_path``,
     and with ``keep_gt`` the original-resolution mask ``gt``. Use ``eval_iter`` to read
     ahead in threads or workers.
     """

@@ -9,13 +9,16 @@ Geometry (PISAM_SPEC 7.2, D7):
 
 * ``stretch`` (the paper's tables): the image is resized bilinearly to S x S (S = the
   model's input size, 1024 for the real models; aspect ratio not kept, nothing padded)
-  and given to the predictor as is (its longest-side resize is then the identity); the
-  box is the tight box of ``GT > 128`` of the GT stretched the same way; the S x S mask
-  logits are resized bilinearly (align_corners=False, ``transforms.resize_bilinear``) to
-  the original H x W and thresholded at 0, as the reference's ``Runner.test``.
-* ``longest_side`` (SAM's own): the predictor sees the original image (long side -> S,
-  padded); the box is the tight box of the GT resized the same way, mapped back to
-  original pixels for the predictor's API; the predictor returns logits at H x W.
+  in float and given to the predictor as float 0..255, not rounded (its longest-side
+  resize is then the identity, and it normalises the float values); the box is the tight
+  box of ``GT > 128`` of the GT stretched the same way, in float (pixel indices, no +1);
+  the S x S mask logits are resized bilinearly (align_corners=False,
+  ``transforms.resize_bilinear``) to the original H x W and thresholded at 0, as the
+  reference's ``Runner.test``.
+* ``longest_side`` (SAM's own): the predictor sees the original uint8 image (long side ->
+  S with SAM's PIL resize, padded); the box is the tight box of ``GT > 128`` of the GT
+  resized by the same filter in float, mapped back to original pixels for the
+  predictor's API; the predictor returns logits at H x W.
 
 Prompts (documented choices):
 
@@ -93,21 +96,27 @@ class BoxSegmenter:
 
     @property
     def settings(self) -> dict:
-        """What determines the predictions (recorded beside them so a resume never mixes settings)."""
+        """What determines the predictions (recorded beside them so a resume never mixes settings).
+
+        ``float_resize``: the stretched image and the resized GT are not rounded (spec 7.2); predictions saved
+        before that (which lack the key) are not resumed.
+        """
         return dict(decoder=self.decoder, geometry=self.geometry, image_size=self.size,
-                    hq_token_only=self.hq_token_only, multimask_output=False)
+                    hq_token_only=self.hq_token_only, multimask_output=False, float_resize=True)
 
     # ------------------------------------------------------------------ image and box
 
     def set_image(self, image: np.ndarray) -> None:
-        """Encode ``image`` (H, W, 3) uint8 at its original resolution, in the chosen geometry."""
+        """Encode ``image`` (H, W, 3) uint8 at its original resolution, in the chosen geometry
+        (``stretch``: resized in float and encoded unrounded)."""
         self.original_size = tuple(image.shape[:2])
         if self.geometry == "stretch":
             image = transforms.resize_stretch(image, self.size)
         self.predictor.set_image(image)
 
     def gt_box(self, gt: np.ndarray) -> np.ndarray:
-        """The tight box of ``GT > 128`` in the model frame, in the predictor's API frame (x0, y0, x1, y1).
+        """The tight box of ``GT > 128`` (``gt`` (H, W) 0..255) resized in float to the model frame, in the
+        predictor's API frame (x0, y0, x1, y1).
 
         x1, y1 are the last foreground pixel (torchvision ``masks_to_boxes``), widened to at least
         one pixel so the box has an area; an empty GT gives the whole frame (as the eval pipeline).
@@ -117,7 +126,7 @@ class BoxSegmenter:
             box, _ = tight_box(transforms.resize_stretch(gt, self.size))
             limit = (self.size, self.size)
         else:
-            resized = transforms.resize_longest_side(gt, self.size)
+            resized = transforms.resize_longest_side(np.asarray(gt, np.float32), self.size)
             box, _ = tight_box(resized)
             rh, rw = resized.shape
             box = box * np.array([w / rw, h / rh, w / rw, h / rh], np.float32)

@@ -48,8 +48,8 @@ CLICK_SEED = 0x5A4D  # with config.seed: the stage-2 sample clicks
 def fixed_samples(datasets: Sequence[Dataset], count: int, image_size: int) -> dict[str, np.ndarray]:
     """The first ``count`` images of ``datasets`` (in order) as the un-augmented training transform gives them.
 
-    Returns numpy arrays with a leading K axis (K = min(count, images)): ``image`` (K, S, S, 3) uint8,
-    ``mask`` (K, S, S) uint8 0..255, ``box`` (K, 4) float32, ``input_size`` (K, 2) int32 (the unpadded part),
+    Returns numpy arrays with a leading K axis (K = min(count, images)): ``image`` (K, S, S, 3) float32 0..255,
+    ``mask`` (K, S, S) float32 0..255, ``box`` (K, 4) float32, ``input_size`` (K, 2) int32 (the unpadded part),
     and ``name`` (K,) str.
     """
     chosen = [s for d in datasets for s in d.samples][:count]
@@ -110,7 +110,7 @@ def compose_panel(
 ) -> np.ndarray:
     """One sample's panel, (h, 3 * w + 2 * GAP, 3) uint8: image (with box, clicks) | ground truth | prediction.
 
-    image (S, S, 3) uint8; gt (S, S) uint8 0..255; pred (S, S) bool; input_size (h, w): the unpadded part shown
+    image (S, S, 3) 0..255; gt (S, S) 0..255 (soft values rounded for display); pred (S, S) bool; input_size (h, w): the unpadded part shown
     (default: all); box (4,) x0 y0 x1 y1 in pixels; points (N, 2) (x, y) normalised with pixel centres, as the
     model takes them ((x_px + 0.5) / S), labels (N,) 1 foreground / 0 background / -1 padding (not drawn).
     Each tile is the shown part scaled to at most ``size`` px on its long side (never up).
@@ -131,7 +131,8 @@ def compose_panel(
         scaled_box = np.asarray(box, np.float32) * np.array([fx, fy, fx, fy], np.float32)
     first = np.asarray(draw_overlay(small, np.zeros((th, tw), bool), box=scaled_box, points=pts, labels=lbl))
     tiles = [first]
-    for m in (np.asarray(gt, np.uint8), np.asarray(pred, bool).astype(np.uint8) * 255):
+    gt_u8 = np.clip(np.rint(np.asarray(gt, np.float32)), 0, 255).astype(np.uint8)
+    for m in (gt_u8, np.asarray(pred, bool).astype(np.uint8) * 255):
         tiles.append(np.repeat(_shrink(np.ascontiguousarray(m[:ih, :iw]), (th, tw))[..., None], 3, axis=-1))
     gap = np.full((th, GAP, 3), 255, np.uint8)
     return np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)

@@ -11,6 +11,13 @@
 
 Each step is the command a user would type, printed before it runs; every one resumes where it stopped, and a
 second run with the same settings only prints the report.
+
+    python quickstart.py --ablation [--workdir runs/quickstart] [--seed 0]
+
+is the paper's Table 5 in miniature, after the main run (its data and SAM): Pi-SAM stage 1 trained again without
+the RGB embedding, without the Object Embedder's deformable branches, and with the 256^2 output only (each a
+``config.model`` flag), every row scored by IoU and Boundary IoU on the same held-out images
+(WORKDIR/ablation.json and ablation.md).
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ MODELS = ("sam", "hq", "pisam")
 CLICKS = (1, 2, 5)
 BOX_METRICS = {"iou": "iou", "biou": "boundary_iou", "hce": "hce", "wfm": "weighted_f"}
 CLICK_METRICS = {"iou": "iou", "wfm": "weighted_f"}
+# Table 5 in miniature: (report name = workdir, the model flag it turns off); "pisam_stage1" is the main run's.
+ABLATIONS = (("pisam_stage1", None), ("no_rgb_embedding", "pi_rgb_embedding"),
+             ("no_deformable", "pi_deformable"), ("low_res_output", "pi_high_res"))
 
 
 def run(cmd: list[str]) -> None:
@@ -85,12 +95,41 @@ def report_markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
+def train_command(work: Path, stage: str, run_dir: str, init: str | None, seed: int, *extra: str) -> list[str]:
+    cmd = [sys.executable, "train.py", f"--config=configs/miniature.py:{stage}", f"--workdir={work / run_dir}",
+           f"--config.data.data_root={work / 'data'}", f"--config.seed={seed}", *extra]
+    return cmd + ([f"--config.init_from={work / init}"] if init else [])
+
+
+def ablation(work: Path, seed: int) -> None:
+    """Paper Table 5 in miniature: stage 1 without each module, IoU / Boundary IoU on the held-out images."""
+    if not (work / "sam" / "export" / "config.json").is_file():
+        sys.exit(f"error: {work} has no trained miniature SAM; run python quickstart.py --workdir {work} first")
+    for name, flag in ABLATIONS:
+        if flag and not (work / name / "export" / "config.json").is_file():
+            run(train_command(work, "stage1", name, "sam", seed, f"--config.model.{flag}=False"))
+    models = ",".join(str(work / name / "export") for name, _ in ABLATIONS)
+    run([sys.executable, "eval.py", f"--model={models}", f"--data_root={work / 'data'}", "--datasets=DIS5K-VD",
+         f"--out={work / 'ablation'}", "--metrics=iou,boundary_iou", "--gallery=0"])
+    scores = json.loads((work / "ablation" / "all.json").read_text())
+    rows = {name: {k: scores[name]["DIS5K-VD"][v] for k, v in (("iou", "iou"), ("biou", "boundary_iou"))}
+            for name, _ in ABLATIONS}
+    (work / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["| Pi-SAM stage 1 | IoU | Boundary IoU |", "|---|---|---|"]
+    lines += [f"| {name} | {r['iou']:.3f} | {r['biou']:.3f} |" for name, r in rows.items()]
+    (work / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/quickstart")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training data, the models and the clicks")
+    parser.add_argument("--ablation", action="store_true", help="the ablation table (after the main run)")
     args = parser.parse_args(argv)
     work = Path(args.workdir)
+    if args.ablation:
+        return ablation(work, args.seed)
     settings = {"seed": args.seed}
     report_path = work / REPORT
     if report_path.is_file() and json.loads(report_path.read_text()).get("settings") == settings:
@@ -107,13 +146,8 @@ def main(argv=None) -> None:
                  "--size", str(IMAGE_SIZE), "--detail", str(DETAIL), "--seed", str(data_seed(args.seed, held_out))])
 
     for _, stage, run_dir, init in RUNS:
-        if (work / run_dir / "export" / "config.json").is_file():
-            continue
-        cmd = [py, "train.py", f"--config=configs/miniature.py:{stage}", f"--workdir={work / run_dir}",
-               f"--config.data.data_root={data}", f"--config.seed={args.seed}"]
-        if init:
-            cmd.append(f"--config.init_from={work / init}")
-        run(cmd)
+        if not (work / run_dir / "export" / "config.json").is_file():
+            run(train_command(work, stage, run_dir, init, args.seed))
 
     models = ",".join(str(work / m / "export") for m in MODELS)
     run([py, "eval.py", f"--model={models}", f"--data_root={data}", "--datasets=DIS5K-VD",

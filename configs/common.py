@@ -19,7 +19,11 @@ Fields (override any with ``--config.<field>=value``):
   steps_per_epoch       0: len(dataset) // batch_size (drop_last, as the reference)
   max_steps             stop after this many steps (0: num_epochs * steps_per_epoch)
   learning_rate         Adam 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay
+  warmup_steps          linear warm-up of the rate over this many steps (0: none, as the Pi-SAM reference)
+  weight_decay          > 0: AdamW with this decoupled decay (0: Adam, as the Pi-SAM reference)
   num_points            points per mask at which the mask losses are taken (spec 5.1: 112^2)
+  click_grid            stage2: the grid clicks are simulated on (spec 6: the reference's 256^2; the low-res
+                        logits are resized to it, the identity at 1024 input)
   sam.*                 stage "sam" only (SAM paper, appendix A): box_prob (first prompt a box, else a point),
                         box_noise / box_noise_max (std as a fraction of the side, cap in px), click_rounds and
                         mask_rounds (iterations adding a click / adding nothing), focal/dice/iou weights
@@ -64,8 +68,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.steps_per_epoch = 0
     c.max_steps = 0
     c.learning_rate = 1e-3
+    c.warmup_steps = 0
+    c.weight_decay = 0.0
     c.num_points = 112 * 112
     c.cache_embeddings = False
+    c.click_grid = 256
 
     c.sam = ml_collections.ConfigDict()
     c.sam.box_prob = 0.5

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 
 import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -38,7 +37,6 @@ from pisam_jax.data import pipeline
 from pisam_jax.data.datasets import Dataset
 from pisam_jax.overlay import draw_overlay
 from pisam_jax.training import step as step_lib
-from pisam_jax.training.stages.base import resize_to
 
 TAG = "samples"
 GAP = 4  # white pixels between the tiles of a panel
@@ -67,14 +65,16 @@ def make_predict(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, stage):
 
     batch: ``image`` (B, S, S, 3), ``mask`` (B, S, S), ``box`` (B, 4), sharded over ``"data"``; clicks: None or
     (points (B, N, 2) normalised, labels (B, N) 1 / 0 / -1 padding). Outputs: ``mask`` (B, S, S) bool, the stage's
-    prediction from the tight box (``stage.preview``); ``low_res`` (B, h, w) its low-resolution logits;
-    ``low_gt`` (B, h, w) the mask resized to that grid as the training step resizes it (for the click
-    simulation). Compiled once a run: a stage gives clicks always or never, of one shape.
+    prediction from the tight box (``stage.preview``); for a stage with clicks also what its training step
+    simulates them from (``stage.click_inputs``): ``low_res`` (B, g, g) the low-resolution logits and ``low_gt``
+    (B, g, g) the mask, on the click grid. Compiled once a run: a stage gives clicks always or never, of one shape.
     """
     def predict(train_state, frozen_state, batch, clicks):
         model = nnx.merge(graphdef, train_state, frozen_state)
         mask, low_res = stage.preview(model, batch, clicks)
-        low_gt = resize_to(batch["mask"].astype(jnp.float32), low_res.shape[-2:])
+        if not stage.uses_clicks:
+            return dict(mask=mask)
+        low_res, low_gt = stage.click_inputs(low_res, batch["mask"])
         return dict(mask=mask, low_res=low_res, low_gt=low_gt)
 
     return jax.jit(predict, out_shardings=NamedSharding(mesh, P()))

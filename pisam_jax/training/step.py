@@ -68,14 +68,24 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
     """The reference's optimiser: Adam(1e-3, (0.9, 0.999), eps 1e-8, no weight decay), per-epoch cosine.
 
+    ``warmup_steps`` > 0 multiplies the rate by a linear ramp from 1/warmup_steps to 1 over the first steps, and
+    ``weight_decay`` > 0 makes it AdamW (decoupled decay): SAM's own recipe (SAM paper, appendix A) uses both.
     Initialise it on the trainable state only (``tx.init(train_state)`` or ``nnx.Optimizer(model, tx,
     wrt=trainable)``). The current learning rate is kept in ``opt_state.hyperparams["learning_rate"]``
     (``optax.inject_hyperparams``); the train step reports it.
     """
-    schedule = cosine_epoch_schedule(learning_rate, num_epochs, steps_per_epoch)
+    cosine = cosine_epoch_schedule(learning_rate, num_epochs, steps_per_epoch)
+    schedule = cosine
+    if warmup_steps > 0:
+        schedule = lambda count: cosine(count) * jnp.minimum(1.0, (count + 1.0) / warmup_steps)  # noqa: E731
+    if weight_decay > 0:
+        return optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, b1=b1, b2=b2, eps=eps,
+                                                     weight_decay=weight_decay)
     return optax.inject_hyperparams(optax.adam)(learning_rate=schedule, b1=b1, b2=b2, eps=eps)
 
 

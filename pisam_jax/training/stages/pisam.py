@@ -9,6 +9,13 @@
 
 The clicks of a sample depend only on (seed, step, the sample's row in the global batch), not on how the batch
 is split over processes, so a run on N hosts draws the clicks of a run on one.
+
+Decision (the click grid): the reference simulates clicks on its 256^2 grid, where ``pred_masks_s`` lives at
+1024 input and where it resizes the ground truth (``labels_256``). We keep that grid whatever the model's size
+(``config.click_grid``, 256): the low-resolution logits are resized to it bilinearly (the identity at 1024 input,
+so the paper's recipes are unchanged) and the ground truth is resized to it as the reference does. Smaller
+models would otherwise click on their own coarser grid, where the rule's exact ``GT == 255``, its 1-px erosion
+and its 2-px minimum area remove most errors (a 128 px model's grid is 32^2: 8x coarser than the paper's).
 """
 
 from __future__ import annotations
@@ -58,15 +65,15 @@ class Stage1(PiStage):
                                   num_points=self.config.num_points)
 
 
-def simulate_clicks(low_res: np.ndarray, low_gt: np.ndarray, *, seed: int, step: int, first_row: int) -> dict:
+def simulate_clicks(logits: np.ndarray, gt: np.ndarray, *, seed: int, step: int, first_row: int) -> dict:
     """Training clicks (spec 6) for rows ``first_row, first_row + 1, ...`` of the global batch at ``step``.
 
-    low_res (B, h, w) logits, low_gt (B, h, w) the target on that grid (0..255). Each row draws from its own
+    logits (B, g, g) the low-resolution prediction, gt (B, g, g) the target (0..255), on the click grid. Each row draws from its own
     generator, seeded by (seed, step, global row). -> {"points" (B, 10, 2), "labels" (B, 10) 1 / 0 / -1 padding,
     "valid" (B,)}.
     """
     rows = [clicks_lib.simulate_clicks(p > 0, g, np.random.default_rng((seed, step, first_row + i)), mode="train")
-            for i, (p, g) in enumerate(zip(low_res, low_gt))]
+            for i, (p, g) in enumerate(zip(logits, gt))]
     sim = {k: np.stack([r[k] for r in rows]) for k in ("points", "flags", "pad", "valid")}
     labels = np.where(sim["pad"], -1, sim["flags"]).astype(np.int32)
     return {"points": sim["points"], "labels": labels, "valid": sim["valid"]}
@@ -83,22 +90,28 @@ class Stage2(PiStage):
         from flax import nnx
 
         def base_fn(train_state, frozen_state, batch):
-            """The frozen base forward: -> (RGB embedding, PiBase, the target on the 256^2 grid, 0..255)."""
+            """The frozen base forward: -> (RGB embedding, PiBase, click inputs: logits and target on the grid)."""
             model = nnx.merge(graphdef, train_state, frozen_state)
             features = pi_features(model, batch)
             base = model.pi_base(features, batch["box"][:, None])
-            low_gt = resize_to(batch["mask"].astype(jnp.float32), base.low_res.shape[-2:])
-            return jax.lax.stop_gradient((features.rgb, base, low_gt))
+            return jax.lax.stop_gradient((features.rgb, base, self.click_inputs(base.low_res[:, 0], batch["mask"])))
 
         rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         self._base = jax.jit(base_fn, in_shardings=(rep, rep, data), out_shardings=data)
         self._mesh = mesh
 
+    def click_inputs(self, low_res: jax.Array, masks: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """What clicks are simulated from: (low-res logits (B, h, w), masks (B, S, S) 0..255) -> the logits and the
+        ground truth (0..255) on the click grid (module docstring), each (B, g, g)."""
+        grid = (int(self.config.click_grid),) * 2
+        logits = low_res if low_res.shape[-2:] == grid else resize_to(low_res, grid)
+        return logits, resize_to(masks.astype(jnp.float32), grid)
+
     def prepare(self, train_state, frozen_state, batch, step):
-        rgb, base, low_gt = self._base(train_state, frozen_state, batch)
-        local_low = step_lib.local_rows(base.low_res)[:, 0]
-        first_row = jax.process_index() * local_low.shape[0]  # shard_batch: each process's rows, in process order
-        clicks = simulate_clicks(local_low, step_lib.local_rows(low_gt), seed=self.config.seed, step=step,
+        rgb, base, (logits, gt) = self._base(train_state, frozen_state, batch)
+        local_logits = step_lib.local_rows(logits)
+        first_row = jax.process_index() * local_logits.shape[0]  # shard_batch: each process's rows, in order
+        clicks = simulate_clicks(local_logits, step_lib.local_rows(gt), seed=self.config.seed, step=step,
                                  first_row=first_row)
         out = {k: batch[k] for k in ("mask", "has_object") + (("poison",) if "poison" in batch else ())}
         out.update(step_lib.shard_batch(clicks, self._mesh),

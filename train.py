@@ -7,8 +7,9 @@
 Each recipe's docstring (configs/) has its command. Running again with the same --workdir resumes from the
 latest checkpoint (parameters, optimiser, data position), exactly. Writes WORKDIR/metrics.jsonl,
 WORKDIR/tensorboard/, WORKDIR/checkpoints/<step>/ and, at the end, WORKDIR/export (load it with
-``pisam_jax.load_model``). User errors (missing init_from or data root, bad config field) print one line and exit
-with status 2; a NaN/Inf loss stops the run (status 1) and keeps the last good checkpoint.
+``pisam_jax.load_model``). User errors (missing init_from or data root, bad config field, a --workdir that is not a
+training workdir, a resume with a configuration that changes the run) print one line and exit with status 2, and a
+new workdir is removed again; a NaN/Inf loss stops the run (status 1) and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -28,12 +29,31 @@ flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/pisam_jax/
 
 def _parse_flags(argv):
     try:
-        return FLAGS(argv)
+        argv = FLAGS(argv)
+        if FLAGS.config is not None:
+            FLAGS.config.keys()  # config_flags defers a config file that failed to load to first use
+        return argv
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         # config_flags reports an unknown --config.field as AttributeError, a bad recipe argument as ValueError
-        msg = str(e).strip().strip('"').strip("'") or type(e).__name__
-        print(f"error: bad flag: {' '.join(msg.split())[:300]} ({type(e).__name__})", file=sys.stderr)
+        # carrying the recipe's traceback, a missing file as OSError: one line each
+        print(f"error: bad flag: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _one_line(e: Exception) -> str:
+    """An exception's message in one line: the frames of an embedded traceback dropped, its last line kept."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
+        head = lines[0].split("Error whilst parsing config file")[0].rstrip(": ")
+        return f"{head}: {lines[-1]}" if head else lines[-1]
+    if isinstance(e, (AttributeError, KeyError)) and len(lines) == 1 and lines[0].strip("\"'") != lines[0]:
+        return f"no config field {lines[0].strip(chr(34))}; the recipe (configs/) lists the fields"
+    if "Failed loading config file" in lines[0]:  # "Attempted [Relative path]: X  [Errno 2] ...": the path, the cause
+        path = next((ln for ln in lines[1:] if not ln.startswith(("Attempted", "["))), "")
+        return f"--config {path}: {lines[-1]}"
+    return " ".join(" ".join(lines).split())[:400] + f" ({type(e).__name__})"
 
 
 def _distributed(config) -> None:
@@ -78,12 +98,17 @@ def main(argv):
     from pisam_jax.data.datasets import DatasetError
     from pisam_jax.data.images import ImageReadError
     from pisam_jax.models import ModelError
+    from pisam_jax.outputs import OutputError
+    from pisam_jax.training import workdirs
     from pisam_jax.training.checkpoints import CheckpointError
     from pisam_jax.training.loop import Diverged, UsageError, train
 
+    new_workdir = not os.path.lexists(FLAGS.workdir)
     try:
         result = train(config, FLAGS.workdir)
-    except (UsageError, DatasetError, ImageReadError, ModelError, CheckpointError) as e:
+    except (UsageError, DatasetError, ImageReadError, ModelError, CheckpointError, OutputError) as e:
+        if new_workdir and jax.process_index() == 0:  # a run that could not start leaves nothing behind
+            workdirs.remove_if_unused(FLAGS.workdir)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:

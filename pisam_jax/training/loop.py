@@ -48,7 +48,7 @@ from pisam_jax.modeling.pi_decoder import PiBase
 from pisam_jax.models import ImageFeatures, ModelConfig
 from pisam_jax.training import checkpoints as ckpt_lib
 from pisam_jax.training import logging as log_lib
-from pisam_jax.training import losses, samples, trainable
+from pisam_jax.training import losses, samples, trainable, workdirs
 from pisam_jax.training import step as step_lib
 
 PIXEL_MEAN = np.asarray([123.675, 116.28, 103.53], np.float32)
@@ -374,8 +374,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
     check_config(config)
     workdir = Path(workdir).absolute()
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+    workdirs.prepare(workdir, config_json(config), write=is_main)
     _barrier("workdir")
 
     datasets = open_data(config)
@@ -404,8 +403,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
         train_state, frozen_state, opt_state = step_lib.replicate((train_state, frozen_state, opt_state), mesh)
         data_iter = make_iterator(config, datasets, graphdef_config(graphdef, train_state, frozen_state).image_size)
         start = 0
-        if is_main:
-            (workdir / "config.json").write_text(json.dumps(config_json(config), indent=2) + "\n")
     else:
         _, meta = ckpt_lib.read_meta(workdir, latest)
         if meta.get("stage") != stage:
@@ -425,7 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
         )
         train_state, frozen_state, opt_state = restored["train"], restored["frozen"], restored["opt"]
         start = latest
-        writer.truncate_after(latest)
+    writer.truncate_after(start)
     model_config = graphdef_config(graphdef, train_state, frozen_state)
 
     if is_main:
@@ -537,7 +534,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
     export_path = None
     if jax.process_count() == 1 and total_steps > start:
         model = nnx.merge(graphdef, train_state, frozen_state)
-        export_path = str(ckpt_lib.export(model, workdir / EXPORT_DIR,
+        export_path = str(ckpt_lib.export(model, workdir / EXPORT_DIR, overwrite=True,
                                           provenance={"trained_in": str(workdir), "stage": stage, "step": total_steps}))
     _barrier("done")
     return Result(step=total_steps, last_metrics=metrics, export=export_path, workdir=str(workdir))

@@ -167,6 +167,10 @@ def main(argv):
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
+    from absl import logging
+
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     from pisam_jax.data.datasets import DatasetError
     from pisam_jax.data.images import ImageReadError
     from pisam_jax.evaluation.loop import EvalError
@@ -182,4 +186,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from pisam_jax.cli import parse_absl_flags
+
+    app.run(main, flags_parser=parse_absl_flags)

@@ -30,7 +30,9 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP",
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from pisam_jax.cli import ArgumentParser
+
+    p = ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
                    help="model directory (python -m convert.sam|convert.hq_sam|convert.pisam ... --out DIR)")
     p.add_argument("--image", required=True, help="input image (8/16-bit, gray, RGB or RGBA)")

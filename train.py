@@ -28,32 +28,10 @@ flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/pisam_jax/
 
 
 def _parse_flags(argv):
-    try:
-        argv = FLAGS(argv)
-        if FLAGS.config is not None:
-            FLAGS.config.keys()  # config_flags defers a config file that failed to load to first use
-        return argv
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-        # config_flags reports an unknown --config.field as AttributeError, a bad recipe argument as ValueError
-        # carrying the recipe's traceback, a missing file as OSError: one line each
-        print(f"error: bad flag: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+    from pisam_jax.cli import parse_absl_flags
 
-
-def _one_line(e: Exception) -> str:
-    """An exception's message in one line: the frames of an embedded traceback dropped, its last line kept."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
-        head = lines[0].split("Error whilst parsing config file")[0].rstrip(": ")
-        return f"{head}: {lines[-1]}" if head else lines[-1]
-    if isinstance(e, (AttributeError, KeyError)) and len(lines) == 1 and lines[0].strip("\"'") != lines[0]:
-        return f"no config field {lines[0].strip(chr(34))}; the recipe (configs/) lists the fields"
-    if "Failed loading config file" in lines[0]:  # "Attempted [Relative path]: X  [Errno 2] ...": the path, the cause
-        path = next((ln for ln in lines[1:] if not ln.startswith(("Attempted", "["))), "")
-        return f"--config {path}: {lines[-1]}"
-    return " ".join(" ".join(lines).split())[:400] + f" ({type(e).__name__})"
+    # config_flags defers a config file that failed to load to its first use: use it inside the guard
+    return parse_absl_flags(argv, check=lambda: FLAGS.config is None or FLAGS.config.keys())
 
 
 def _distributed(config) -> None:

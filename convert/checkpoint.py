@@ -14,6 +14,7 @@ from absl import app, flags
 from convert.keymap import ConversionError, load_torch_weights, torch_names
 from pisam_jax.models import (ENCODER_CONFIGS, MODEL_TYPES, ModelConfig, ModelError, abstract_model,
                               check_output_dir, save_model)
+from pisam_jax.cli import parse_absl_flags
 from pisam_jax.outputs import OutputError
 
 _WRAPPERS = ("model_state_dict", "state_dict", "model")
@@ -196,6 +197,10 @@ def run_cli(main) -> None:
         raise SystemExit(128 + signum)
 
     def wrapped(argv):
+        from absl import logging
+
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
         try:
             main(argv)
         except (ConversionError, ModelError, OutputError) as e:
@@ -204,4 +209,4 @@ def run_cli(main) -> None:
 
     signal.signal(signal.SIGTERM, terminate)
     sys.argv = sys.argv[:1] + underscore_flags(sys.argv[1:])
-    app.run(wrapped)
+    app.run(wrapped, flags_parser=parse_absl_flags)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,8 +20,14 @@ def model(tiny_sam):
     return models.load_model(tiny_sam[2])
 
 
-def listing(root):
-    return sorted(os.path.relpath(os.path.join(d, n), root) for d, ds, fs in os.walk(root) for n in ds + fs)
+def other_weights(path):
+    """The model at ``path`` with one weight changed (as a re-export of another step would have)."""
+    model = models.load_model(path)
+    kernel = model.mask_decoder.iou_prediction_head.layers[0].kernel
+    changed = np.array(kernel.get_value())
+    changed[0, 0] += np.float32(1e-6)  # one element, by about one part in a million
+    kernel.set_value(changed)
+    return model
 
 
 def test_existing_output_needs_overwrite_and_is_never_a_users_folder(model, tmp_path):
@@ -48,7 +55,7 @@ def test_overwrite_replaces_a_model_directory(model, tmp_path):
     out = tmp_path / "m"
     models.save_model(model, out)
     before = json.loads((out / "config.json").read_text())
-    changed = models.build_model(model.config, seed=1)  # other weights, same structure
+    changed = other_weights(out)
     models.save_model(changed, out, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["m"]  # the old one moved aside and removed, no temporary left
     assert json.loads((out / "config.json").read_text()) == before
@@ -113,11 +120,39 @@ def test_read_config_says_what_the_path_is(tiny_sam, tmp_path):
 def test_params_fingerprint_identifies_the_weights(tiny_sam, model, tmp_path):
     from convert.sam import convert_sam
 
-    again = models.load_model(convert_sam(tiny_sam[1], tmp_path / "again"))  # the same file converted again
-    assert models.params_fingerprint(again) == models.params_fingerprint(model)
-    kernel = again.mask_decoder.iou_prediction_head.layers[0].kernel
-    changed = np.array(kernel.get_value())
-    changed[0, 0] += np.float32(1e-6)  # one element, by about one part in a million
-    kernel.set_value(changed)
-    assert models.params_fingerprint(again) != models.params_fingerprint(model)
+    again = convert_sam(tiny_sam[1], tmp_path / "again")  # the same file converted again
+    assert models.params_fingerprint(models.load_model(again)) == models.params_fingerprint(model)
+    assert models.params_fingerprint(other_weights(again)) != models.params_fingerprint(model)
     assert len(models.params_fingerprint(model)) == 64
+
+
+def test_a_terminated_conversion_removes_its_temporary(tiny_sam, tmp_path):
+    """SIGTERM while the model is being written (a converter's run_cli): the temporary folder goes with it."""
+    import signal
+    import subprocess
+    import sys
+
+    script = f"""
+import sys, time
+from convert.checkpoint import run_cli
+from pisam_jax import models, outputs
+def stall(tmp, path):
+    print("writing", flush=True)
+    time.sleep(120)
+outputs.replace_folder = stall  # the parameters and config.json are written; stop before the rename
+def main(argv):
+    models.save_model(models.load_model({str(tiny_sam[2])!r}), {str(tmp_path / "m")!r})
+run_cli(main)
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "writing", proc.stderr.read()
+        assert [p.name.startswith(".m.tmp-") for p in tmp_path.iterdir()] == [True]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []

@@ -219,12 +219,12 @@ def check_export_target(workdir: str | os.PathLike, out: str | os.PathLike, *, o
 
 def main(argv=None) -> int:
     """``python -m pisam_jax.training.checkpoints WORKDIR OUT [STEP] [--overwrite]``: export a workdir's checkpoint."""
-    import argparse
     import sys
 
+    from pisam_jax.cli import ArgumentParser
     from pisam_jax.outputs import OutputError
 
-    p = argparse.ArgumentParser(prog="python -m pisam_jax.training.checkpoints",
+    p = ArgumentParser(prog="python -m pisam_jax.training.checkpoints",
                                 description="Export a training workdir's checkpoint as a model directory.")
     p.add_argument("workdir", metavar="WORKDIR", help="a training workdir (train.py --workdir)")
     p.add_argument("out", metavar="OUT", help="the model directory to write (must not exist, unless --overwrite)")

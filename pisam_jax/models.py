@@ -24,7 +24,6 @@ import numpy as np
 from flax import nnx
 
 from pisam_jax import outputs
-
 from pisam_jax.modeling.hq_decoder import MaskDecoderHQ
 from pisam_jax.modeling.image_encoder import ENCODER_CONFIGS, ImageEncoderViT
 from pisam_jax.modeling.mask_decoder import MaskDecoder
@@ -325,27 +324,26 @@ def save_model(model: Sam, path: str | os.PathLike, *, overwrite: bool = False) 
     directory (``is_model_dir``): the old one is moved aside, the new one renamed in, the old one removed.
     Temporaries of an earlier, killed save are removed first. Folders and files get their modes from the umask.
     """
+    import orbax.checkpoint as ocp
+
     path = Path(path).absolute()
-    outputs.clean_stale(path.parent, path.name)
+    _output(outputs.clean_stale, path.parent, path.name)
     check_output_dir(path, overwrite=overwrite)
-    created = _make_parents(path)
+    created = _output(outputs.make_parents, path)
     tmp = None
     try:
         tmp = _output(outputs.temp_folder_beside, path)
-        import orbax.checkpoint as ocp
-
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS_DIR, nnx.state(model, nnx.Variable).to_pure_dict())
         checkpointer.wait_until_finished()
         config = json.dumps(model.config.to_json(), indent=2) + "\n"
         _output(outputs.write_file, tmp / CONFIG_FILE, config.encode())
         _output(outputs.replace_folder, tmp, path)
-    except BaseException:
+    except BaseException:  # Ctrl-C and SIGTERM (converters) too: nothing of this save is left
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         outputs.remove_created(created)
         raise
-    finally:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -357,10 +355,6 @@ def _output(fn, *args):
         raise ModelError(str(e)) from None
     except OSError as e:
         raise ModelError(f"cannot write {e.filename or args[-1]}: {e.strerror or e}") from None
-
-
-def _make_parents(path: Path) -> list[Path]:
-    return _output(outputs.make_parents, path)
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:

@@ -102,19 +102,24 @@ CASES = {
     "predict box nan": (PREDICT[:5] + ["--box", "nan", "20", "150", "110", "--out", "{W}/new.png"], "finite"),
     "predict point outside": (PREDICT + ["--point", "500", "50", "1"], "--point 500 50 lies outside the 160x120"),
     "predict click on SAM": (PREDICT + ["--click", "50", "50", "fg"], "--click needs a Pi-SAM model"),
-    "predict out exists": (with_(PREDICT, out="{W}/out.png"), "already exists; choose another name, or pass --overwrite"),
+    "predict out exists": (with_(PREDICT, out="{W}/out.png"), "already exists; choose another name, or"),
     "predict out is a folder": (with_(PREDICT, out="{W}/mine.png"), None),  # made a folder below
     "predict out unwritable": (with_(PREDICT, out="/proc/m.png"), "cannot write in /proc"),
     "predict overlay unwritable": (with_(PREDICT, overlay="/proc/pisam/o.png"), "--overlay /proc/pisam/o.png"),
     "predict bad flag": (PREDICT[:5] + ["--box", "1", "2", "3"], "argument --box: expected 4 arguments"),
+    # the order of the checks: a box or image mistake is reported, not the (damaged) model behind it
+    "predict box before model": (with_(PREDICT, model="{W}/damaged")[:5] + ["--box", "0", "0", "500", "50", "--out",
+                                 "{W}/new.png"], "lies outside the 160x120 image"),
+    "predict image before model": (with_(PREDICT, model="{W}/damaged", image="{W}/corrupt.png"), "cannot decode"),
     # eval.py
     "eval out is a file": (with_(EVAL, out="{W}/file.txt"), "is a file; give a folder"),
-    "eval out is the user's": (with_(EVAL, out="{W}/mine"), "holds other files (thesis.tex), not an earlier evaluation"),
+    "eval out is the user's": (with_(EVAL, out="{W}/mine"), "holds other files (thesis.tex), not an earlier"),
     "eval out unwritable": (with_(EVAL, out="/proc/pisam/results"), "cannot write in /proc"),
     "eval model is a .pth": (with_(EVAL, model="{W}/sam.pth"), "is a PyTorch checkpoint file"),
     "eval config edited": (with_(EVAL, model="{W}/wide"), "config.json does not match the parameters"),
     "eval unknown dataset": (with_(EVAL, datasets="DIS5K-XX"), "unknown dataset 'DIS5K-XX'"),
-    "eval dataset missing": (with_(EVAL, datasets="DIS5K-TE2"), "image folder of dataset DIS5K-TE2 not found"),
+    "eval dataset missing": (with_(EVAL, model="{W}/damaged", datasets="DIS5K-TE2"),  # before the model loads
+                             "image folder of dataset DIS5K-TE2 not found"),
     "eval unknown flag": (EVAL + ["--nope"], "Unknown command line flag 'nope'"),
     # train.py
     "train config missing": ([TRAIN[0], "--config=configs/nope.py"] + TRAIN[2:], "--config configs/nope.py: [Errno 2]"),
@@ -123,7 +128,7 @@ CASES = {
     "train bad value": (TRAIN + ["--config.learning_rate=abc"], "could not convert string to float: 'abc'"),
     "train unknown field": (TRAIN + ["--config.no_such_field=1"], "no config field 'no_such_field'"),
     "train workdir is a model": ([*TRAIN[:2], "--workdir={W}/sam", *TRAIN[3:]], "is a model directory"),
-    "train workdir resumed otherwise": ([*TRAIN[:2], "--workdir={W}/run", *TRAIN[3:]], "made with another configuration"),
+    "train workdir resumed otherwise": ([*TRAIN[:2], "--workdir={W}/run", *TRAIN[3:]], "made with another config"),
     "train init_from missing": (TRAIN + ["--config.init_from={W}/nothing"], "config.init_from {W}/nothing"),
     # the converters
     "convert out exists": (with_(CONVERT, out="{W}/sam"), "already exists; choose another --out, or pass --overwrite"),
@@ -132,7 +137,7 @@ CASES = {
     "convert out under a file": (with_(CONVERT, out="{W}/file.txt/m"), "file.txt is a file, not a folder"),
     "convert out unwritable": (with_(CONVERT, out="/proc/pisam/m"), "cannot write in /proc"),
     "convert checkpoint missing": (with_(CONVERT, checkpoint="{W}/nothing.pth"), "nothing.pth does not exist"),
-    "convert checkpoint corrupt": (with_(CONVERT, checkpoint="{W}/corrupt.pth"), "is not a readable PyTorch checkpoint"),
+    "convert checkpoint corrupt": (with_(CONVERT, checkpoint="{W}/corrupt.pth"), "is not a readable PyTorch"),
     "convert --model-type": (CONVERT + ["--model-type", "vit_b"], "holds a custom model but --model-type says vit_b"),
     "convert unknown flag": (CONVERT + ["--nope"], "Unknown command line flag 'nope'"),
     "convert.hq_sam SAM file": (["-m", "convert.hq_sam", *CONVERT[2:]], "is a SAM checkpoint, not HQ-SAM"),

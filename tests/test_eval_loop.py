@@ -5,6 +5,7 @@ Tiny random-weight SAM and HQ-SAM models (256-px input) on six 384-px synthetic 
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -243,6 +244,10 @@ def test_cli_end_to_end(cli_out):
     assert len(list((out / "galleries").glob("*.png"))) == 4
     assert len(list((out / "sam_tiny" / "DIS5K-VD").glob("*.png"))) == 6
     assert "Results on DIS5K" in stdout and "Interactive correction" in stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in out.rglob("*"):  # every table, mask, record and folder: the umask decides, not mkstemp's 0600
+        assert stat.S_IMODE(p.stat().st_mode) == (0o777 if p.is_dir() else 0o666) & ~umask, p
     settings = json.loads((out / "sam_tiny" / "settings.json").read_text())
     assert "model sam_tiny: " in stdout and f"parameters sha256 {settings[loop.PARAMS_KEY][:16]}" in stdout
     assert "Preference for click types" in stdout and "worst-case overlays" in stdout

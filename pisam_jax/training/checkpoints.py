@@ -13,7 +13,9 @@ coordinates multi-host writes). A checkpoint appears under its final name only o
 any moment restarts from the last complete one.
 
 ``export(model, path)`` writes the model with ``pisam_jax.models.save_model``: ``pisam_jax.load_model(path)``
-then loads it for prediction and evaluation.
+then loads it for prediction and evaluation. From the command line (a multi-host run, or another step):
+``python -m pisam_jax.training.checkpoints WORKDIR OUT [STEP] [--overwrite]``; OUT is never the workdir or in it
+(but WORKDIR/export), and an existing OUT is replaced only with --overwrite and only when it is a model directory.
 """
 
 from __future__ import annotations

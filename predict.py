@@ -124,14 +124,7 @@ def run(args: argparse.Namespace) -> None:
     from pisam_jax.overlay import draw_overlay
     from pisam_jax.predictor import Predictor
 
-    # Every check that needs no model first: a mistake costs a second, not a model load and an encoder run.
-    check_output(args.out, "--out", args.overwrite)
-    if args.overlay:
-        check_output(args.overlay, "--overlay", args.overwrite)
-        if Path(args.overlay).absolute() == Path(args.out).absolute():
-            raise UsageError("--overlay and --out name the same file; give two names")
-    if Path(args.image).absolute() in (Path(args.out).absolute(), Path(args.overlay or args.out).absolute()):
-        raise UsageError("--out / --overlay name the input --image; give another name")
+    # Every check before the model loads: a mistake costs a second, not a model load and an encoder run.
     if any(label not in (0, 1) for _, _, label in args.point):
         raise UsageError("--point X Y LABEL: LABEL must be 1 (foreground) or 0 (background)")
     clicks = [parse_click(c) for c in args.click]
@@ -139,6 +132,13 @@ def run(args: argparse.Namespace) -> None:
     check_prompts(args, clicks, *image.shape[:2])
     config = read_config(args.model)
     check_model_kind(args, clicks, config)
+    check_output(args.out, "--out", args.overwrite)
+    if args.overlay:
+        check_output(args.overlay, "--overlay", args.overwrite)
+        if Path(args.overlay).absolute() == Path(args.out).absolute():
+            raise UsageError("--overlay and --out name the same file; give two names")
+    if Path(args.image).absolute() in (Path(args.out).absolute(), Path(args.overlay or args.out).absolute()):
+        raise UsageError("--out / --overlay name the input --image; give another name")
 
     model = load_model(args.model)
     is_pi = config.decoder == "pi"

@@ -81,12 +81,13 @@ def main(argv):
     from pisam_jax.training.checkpoints import CheckpointError
     from pisam_jax.training.loop import Diverged, UsageError, train
 
-    new_workdir = not os.path.lexists(FLAGS.workdir)
+    existed = os.path.lexists(FLAGS.workdir)
+    was_empty = not existed or (os.path.isdir(FLAGS.workdir) and not os.listdir(FLAGS.workdir))
     try:
         result = train(config, FLAGS.workdir)
     except (UsageError, DatasetError, ImageReadError, ModelError, CheckpointError, OutputError) as e:
-        if new_workdir and jax.process_index() == 0:  # a run that could not start leaves nothing behind
-            workdirs.remove_if_unused(FLAGS.workdir)
+        if was_empty and jax.process_index() == 0:  # a run that could not start leaves nothing behind
+            workdirs.remove_if_unused(FLAGS.workdir, keep_folder=existed)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:

@@ -120,6 +120,8 @@ def test_remove_if_unused_removes_only_a_workdir_without_checkpoints(tmp_path):
     (run / "mine.txt").write_text("")
     assert not workdirs.remove_if_unused(run) and run.exists()
     (run / "mine.txt").unlink()
+    assert workdirs.remove_if_unused(run, keep_folder=True) and os.listdir(run) == []  # it was made empty by the user
+    workdirs.prepare(run, CONFIG, write=True)
     fake_checkpoint(run, 2, CONFIG)
     assert not workdirs.remove_if_unused(run) and run.exists()
 
@@ -207,6 +209,9 @@ def test_train_refuses_a_resume_with_another_learning_rate(tmp_path, data_root, 
 def test_a_run_that_cannot_start_leaves_no_workdir(tmp_path, data_root, train):
     line = error_line(train(tmp_path / "new", data_root, "--config.init_from=/no/such/sam"))
     assert "/no/such/sam" in line and not (tmp_path / "new").exists()
+    (tmp_path / "empty").mkdir()  # made by the user: stays, empty
+    error_line(train(tmp_path / "empty", data_root, "--config.init_from=/no/such/sam"))
+    assert os.listdir(tmp_path / "empty") == []
 
 
 def test_restart_before_the_first_checkpoint_does_not_repeat_steps(tmp_path, data_root, train):

@@ -170,15 +170,24 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def remove_if_unused(workdir: str | os.PathLike) -> bool:
-    """Removes a workdir that this command created and that holds no checkpoint (a run that failed to start).
+def remove_if_unused(workdir: str | os.PathLike, *, keep_folder: bool = False) -> bool:
+    """Removes what a run that failed to start wrote in a workdir that was new (or empty) before it.
 
-    Only when everything in it is what a run writes before its first checkpoint; returns whether it was removed.
+    Only when the workdir holds no checkpoint and nothing but what a run writes before its first checkpoint;
+    ``keep_folder``: the folder itself existed (empty) before, so only its contents go. Returns whether it did.
     """
     workdir = Path(workdir)
     if not workdir.is_dir() or ckpt_lib.checkpoint_steps(workdir):
         return False
-    if any(e not in RUN_ENTRIES - {EXPORT_DIR} for e in os.listdir(workdir)):
+    entries = os.listdir(workdir)
+    if any(e not in RUN_ENTRIES - {EXPORT_DIR} for e in entries):
         return False
-    shutil.rmtree(workdir)
+    if not keep_folder:
+        shutil.rmtree(workdir)
+        return True
+    for e in entries:
+        if (workdir / e).is_dir():
+            shutil.rmtree(workdir / e)
+        else:
+            (workdir / e).unlink()
     return True

@@ -12,9 +12,13 @@ HRSOD/UHRSD, ``big.*`` for BIG, ``all.*`` every dataset and metric), worst-case 
 ``clicks_table.*`` (Table 2), ``click_modes_table.*`` (Table 7), ``clicks.png`` and
 ``clicks/subset.json``; the click stage stores each finished (model, image) under
 ``clicks/<model>/`` and a rerun with the same click settings resumes it (other --clicks,
---click_modes, --modes_clicks, --seed or models: an error). Prints the Markdown tables.
-User errors (missing model or dataset folder, unknown dataset, corrupt image, bad flag)
-print one line and exit with status 2.
+--click_modes, --modes_clicks, --seed or models: an error). Predictions are reused only for
+the same model: each model's parameters are fingerprinted (sha256, printed at the start and
+recorded in ``<model>/settings.json``), and a model folder that was re-converted or
+re-exported under the same name stops the run with an error instead of reusing stale
+predictions. --out is a new or empty folder, or one an earlier evaluation wrote. Prints the
+Markdown tables. User errors (missing model or dataset folder, unknown dataset, corrupt image,
+bad flag, --out not a folder of ours) print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -49,6 +53,26 @@ class UsageError(ValueError):
     pass
 
 
+RESERVED_NAMES = ("clicks", "galleries")  # folders of the results beside the models'
+
+
+def check_out(out: Path) -> None:
+    """--out must be a folder of ours: new, empty, or holding an earlier evaluation (which is resumed)."""
+    from pisam_jax.evaluation.loop import is_eval_output
+    from pisam_jax.outputs import OutputError, check_folder
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (new, or one an earlier evaluation wrote)")
+    if out.is_dir() and any(out.iterdir()) and not is_eval_output(out):
+        entries = sorted(p.name for p in out.iterdir())
+        raise UsageError(f"--out {out} holds other files ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}"
+                         "), not an earlier evaluation; give a new or empty folder")
+    try:
+        check_folder(out, "--out")
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+
+
 def _ints(values, flag):
     try:
         return [int(v) for v in values]
@@ -60,6 +84,7 @@ def run() -> None:
     from pisam_jax.data.datasets import open_dataset, resolve_names
     from pisam_jax.evaluation import interactive, loop, reports
     from pisam_jax.evaluation.segmenter import BoxSegmenter, model_name
+    from pisam_jax.models import read_config
 
     for flag in ("model", "data_root", "out"):
         if not getattr(FLAGS, flag):
@@ -67,6 +92,10 @@ def run() -> None:
     names = [model_name(m) for m in FLAGS.model]
     if len(set(names)) != len(names):
         raise UsageError(f"--model: two model directories share a base name ({', '.join(names)}); rename one")
+    if reserved := [n for n in names if n in RESERVED_NAMES]:
+        raise UsageError(f"--model: a model named {reserved[0]} would mix with the {reserved[0]}/ folder of the "
+                         "results; rename its directory")
+    check_out(Path(FLAGS.out))
     if not Path(FLAGS.data_root).is_dir():
         raise UsageError(f"--data_root {FLAGS.data_root}: folder not found")
     clicks = _ints(FLAGS.clicks, "clicks")
@@ -77,7 +106,11 @@ def run() -> None:
         raise UsageError(f"--click_modes: unknown {unknown}; use ALL, FG, BG")
 
     datasets = [open_dataset(n, FLAGS.data_root, skip_bad=FLAGS.skip_bad) for n in resolve_names(FLAGS.datasets)]
+    for m in FLAGS.model:  # every model directory readable before any is loaded
+        read_config(m)
     segs = [BoxSegmenter.load(m, geometry=FLAGS.geometry, hq_token_only=FLAGS.hq_token_only) for m in FLAGS.model]
+    for seg, m in zip(segs, FLAGS.model):
+        print(f"model {seg.name}: {m}, parameters sha256 {loop.params_fingerprint(seg.model)[:16]}", flush=True)
     out = Path(FLAGS.out)
 
     results: dict = {}
@@ -134,18 +167,25 @@ def main(argv):
     if len(argv) > 1:
         print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
+    from absl import logging
+
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
     from pisam_jax.data.datasets import DatasetError
     from pisam_jax.data.images import ImageReadError
     from pisam_jax.evaluation.loop import EvalError
     from pisam_jax.models import ModelError
+    from pisam_jax.outputs import OutputError
     from pisam_jax.predictor import PromptError
 
     try:
         run()
-    except (UsageError, DatasetError, ImageReadError, ModelError, EvalError, PromptError) as e:
+    except (UsageError, DatasetError, ImageReadError, ModelError, EvalError, PromptError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from pisam_jax.cli import parse_absl_flags
+
+    app.run(main, flags_parser=parse_absl_flags)

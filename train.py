@@ -7,8 +7,9 @@
 Each recipe's docstring (configs/) has its command. Running again with the same --workdir resumes from the
 latest checkpoint (parameters, optimiser, data position), exactly. Writes WORKDIR/metrics.jsonl,
 WORKDIR/tensorboard/, WORKDIR/checkpoints/<step>/ and, at the end, WORKDIR/export (load it with
-``pisam_jax.load_model``). User errors (missing init_from or data root, bad config field) print one line and exit
-with status 2; a NaN/Inf loss stops the run (status 1) and keeps the last good checkpoint.
+``pisam_jax.load_model``). User errors (missing init_from or data root, bad config field, a --workdir that is not a
+training workdir, a resume with a configuration that changes the run) print one line and exit with status 2, and a
+new workdir is removed again; a NaN/Inf loss stops the run (status 1) and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -27,13 +28,10 @@ flags.DEFINE_string("compilation_cache", os.path.expanduser("~/.cache/pisam_jax/
 
 
 def _parse_flags(argv):
-    try:
-        return FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-        # config_flags reports an unknown --config.field as AttributeError, a bad recipe argument as ValueError
-        msg = str(e).strip().strip('"').strip("'") or type(e).__name__
-        print(f"error: bad flag: {' '.join(msg.split())[:300]} ({type(e).__name__})", file=sys.stderr)
-        sys.exit(2)
+    from pisam_jax.cli import parse_absl_flags
+
+    # config_flags defers a config file that failed to load to its first use: use it inside the guard
+    return parse_absl_flags(argv, check=lambda: FLAGS.config is None or FLAGS.config.keys())
 
 
 def _distributed(config) -> None:
@@ -78,12 +76,18 @@ def main(argv):
     from pisam_jax.data.datasets import DatasetError
     from pisam_jax.data.images import ImageReadError
     from pisam_jax.models import ModelError
+    from pisam_jax.outputs import OutputError
+    from pisam_jax.training import workdirs
     from pisam_jax.training.checkpoints import CheckpointError
     from pisam_jax.training.loop import Diverged, UsageError, train
 
+    existed = os.path.lexists(FLAGS.workdir)
+    was_empty = not existed or (os.path.isdir(FLAGS.workdir) and not os.listdir(FLAGS.workdir))
     try:
         result = train(config, FLAGS.workdir)
-    except (UsageError, DatasetError, ImageReadError, ModelError, CheckpointError) as e:
+    except (UsageError, DatasetError, ImageReadError, ModelError, CheckpointError, OutputError) as e:
+        if was_empty and jax.process_index() == 0:  # a run that could not start leaves nothing behind
+            workdirs.remove_if_unused(FLAGS.workdir, keep_folder=existed)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:

@@ -12,7 +12,10 @@ from pathlib import Path
 from absl import app, flags
 
 from convert.keymap import ConversionError, load_torch_weights, torch_names
-from pisam_jax.models import ENCODER_CONFIGS, MODEL_TYPES, ModelConfig, ModelError, abstract_model, save_model
+from pisam_jax.models import (ENCODER_CONFIGS, MODEL_TYPES, ModelConfig, ModelError, abstract_model,
+                              check_output_dir, save_model)
+from pisam_jax.cli import parse_absl_flags
+from pisam_jax.outputs import OutputError
 
 _WRAPPERS = ("model_state_dict", "state_dict", "model")
 
@@ -22,11 +25,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, "object"]:
 
     Accepts a raw state_dict or one wrapped under ``model_state_dict``/``state_dict``/``model``.
     """
-    import torch
-
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"checkpoint {path} is a folder; give the official .pth file")
     if not path.is_file():
         raise ConversionError(f"checkpoint {path} does not exist")
+    import torch  # after the checks: a mistake is reported in a second
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
@@ -120,8 +124,7 @@ def convert_official(
     fills every parameter and fails, listing them, on any missing, unexpected or mis-shaped key.
     Nothing is written unless the whole conversion succeeded. Returns the output directory.
     """
-    if Path(out).exists() and not overwrite:
-        raise ModelError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_output_dir(out, overwrite=overwrite)  # before the (long) read
     state_dict = read_state_dict(checkpoint)
     encoder = detect_encoder(state_dict)
     check_model_type(encoder["model_type"], model_type)
@@ -160,20 +163,50 @@ def _check_decoder_kind(name: str, state_dict, decoder: str, model) -> None:
 def define_convert_flags(what: str) -> None:
     """The flags every converter takes: --checkpoint --out --model_type --overwrite."""
     flags.DEFINE_string("checkpoint", None, f"{what} .pth file.", required=True)
-    flags.DEFINE_string("out", None, "Output model directory (must not exist).", required=True)
+    define_output_flags()
+
+
+def define_output_flags() -> None:
+    """--out --model_type --overwrite (every converter)."""
+    flags.DEFINE_string("out", None, "Output model directory (must not exist, unless --overwrite).", required=True)
     flags.DEFINE_enum("model_type", None, MODEL_TYPES, "vit_b, vit_l or vit_h; detected from the shapes if omitted.")
-    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+    flags.DEFINE_bool("overwrite", False, "Replace --out if it is a model directory: the new one is written beside "
+                      "it, then swapped in, then the old one is removed. Anything else at --out is never replaced.")
+
+
+def underscore_flags(argv: list[str]) -> list[str]:
+    """``--model-type=x`` -> ``--model_type=x`` (absl knows only the underscore spelling)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+    return out
 
 
 def run_cli(main) -> None:
-    """absl entry point whose user errors print one line and exit with status 2."""
+    """absl entry point whose user errors print one line and exit with status 2.
+
+    Dashed flag spellings are accepted (``--model-type``); SIGTERM unwinds like Ctrl-C, so a killed conversion
+    still removes its temporary folder (SIGKILL cannot be caught: the next run removes it).
+    """
+    import signal
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
 
     def wrapped(argv):
+        from absl import logging
+
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
         try:
             main(argv)
-        except (ConversionError, ModelError) as e:
+        except (ConversionError, ModelError, OutputError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(wrapped)
-
+    signal.signal(signal.SIGTERM, terminate)
+    sys.argv = sys.argv[:1] + underscore_flags(sys.argv[1:])
+    app.run(wrapped, flags_parser=parse_absl_flags)

@@ -1,6 +1,6 @@
 """Official HQ-SAM checkpoint (``sam_hq_vit_{b,l,h}.pth``, ``segment_anything_hq``) -> our checkpoint directory.
 
-    python -m convert.hq_sam --checkpoint sam_hq_vit_l.pth --out checkpoints/hq_sam_vit_l [--model-type vit_l]
+    python -m convert.hq_sam --checkpoint sam_hq_vit_l.pth --out checkpoints/hq_sam_vit_l [--model_type vit_l]
 
 The file holds SAM's image encoder, prompt encoder and mask decoder plus HQ-SAM's decoder modules
 (``mask_decoder.hf_token``, ``hf_mlp``, ``compress_vit_feat``, ``embedding_encoder``,

@@ -3,7 +3,7 @@
     python -m convert.pisam --sam_checkpoint sam_vit_h_4b8939.pth --pisam_checkpoint pisam_vit_h.pth \
         --out checkpoints/pisam_vit_h [--model_type vit_h]
 
-(absl also accepts the dashed spellings, ``--sam-checkpoint`` etc.)
+(The dashed spellings, ``--sam-checkpoint`` etc., work too.)
 
   * image encoder and prompt encoder: from the SAM file (``image_encoder.*``, ``prompt_encoder.*``);
   * mask decoder: from the Pi-SAM file, the reference's ``MaskDecoderAE`` state_dict (PISAM_SPEC D1): 188 keys
@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from absl import flags
 
-from convert.checkpoint import check_model_type, detect_encoder, read_state_dict, run_cli, sha256
+from convert.checkpoint import check_model_type, define_output_flags, detect_encoder, read_state_dict, run_cli, sha256
 from convert.keymap import ConversionError, load_torch_weights
-from pisam_jax.models import MODEL_TYPES, ModelConfig, ModelError, abstract_model, save_model
+from pisam_jax.models import ModelConfig, abstract_model, check_output_dir, save_model
 
 FLAGS = flags.FLAGS
 
@@ -153,8 +153,7 @@ def convert_pisam(
 ) -> Path:
     """Converts and saves; returns the output directory. Nothing is written unless everything matched."""
     sam_checkpoint, pisam_checkpoint = Path(sam_checkpoint), Path(pisam_checkpoint)
-    if Path(out).exists() and not overwrite:
-        raise ModelError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_output_dir(out, overwrite=overwrite)  # before the (long) reads
     sam_sd = read_state_dict(sam_checkpoint)
     encoder = detect_encoder(sam_sd)
     check_model_type(encoder["model_type"], model_type)
@@ -202,24 +201,8 @@ def main(argv):
     print(f"wrote {out}")
 
 
-def _underscore_flags(argv: list[str]) -> list[str]:
-    """``--sam-checkpoint=x`` -> ``--sam_checkpoint=x`` (absl knows only the underscore spelling)."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--") and len(arg) > 2:
-            name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
-        out.append(arg)
-    return out
-
-
 if __name__ == "__main__":
-    import sys
-
-    sys.argv = sys.argv[:1] + _underscore_flags(sys.argv[1:])
     flags.DEFINE_string("sam_checkpoint", None, "Official SAM .pth (encoder and prompt encoder).", required=True)
     flags.DEFINE_string("pisam_checkpoint", None, "Pi-SAM decoder .pth (188 or 270 keys).", required=True)
-    flags.DEFINE_string("out", None, "Output model directory (must not exist).", required=True)
-    flags.DEFINE_enum("model_type", None, MODEL_TYPES, "vit_b, vit_l or vit_h; detected from the shapes if omitted.")
-    flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+    define_output_flags()
     run_cli(main)

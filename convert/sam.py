@@ -1,6 +1,6 @@
 """Official SAM checkpoint (``sam_vit_{b,l,h}_*.pth``) -> our checkpoint directory.
 
-    python -m convert.sam --checkpoint sam_vit_b_01ec64.pth --out checkpoints/sam_vit_b [--model-type vit_b]
+    python -m convert.sam --checkpoint sam_vit_b_01ec64.pth --out checkpoints/sam_vit_b [--model_type vit_b]
 """
 
 from __future__ import annotations

@@ -11,17 +11,19 @@ A checkpoint is one directory::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from pisam_jax import outputs
 from pisam_jax.modeling.hq_decoder import MaskDecoderHQ
 from pisam_jax.modeling.image_encoder import ENCODER_CONFIGS, ImageEncoderViT
 from pisam_jax.modeling.mask_decoder import MaskDecoder
@@ -325,54 +327,204 @@ def abstract_model(config: ModelConfig) -> Sam:
 
 
 def save_model(model: Sam, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Writes ``model`` to the directory ``path`` atomically: a temporary sibling renamed at the end."""
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise ModelError(f"{path} already exists; choose another --out or remove it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        import orbax.checkpoint as ocp
+    """Writes ``model`` to the directory ``path`` atomically: a temporary sibling renamed at the end.
 
+    An existing ``path`` is an error unless ``overwrite``, and even then it is replaced only when it is a model
+    directory (``is_model_dir``): the old one is moved aside, the new one renamed in, the old one removed.
+    Temporaries of an earlier, killed save are removed first. Folders and files get their modes from the umask.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    _output(outputs.clean_stale, path.parent, path.name)
+    check_output_dir(path, overwrite=overwrite)
+    created = _output(outputs.make_parents, path)
+    tmp = None
+    try:
+        tmp = _output(outputs.temp_folder_beside, path)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / PARAMS_DIR, nnx.state(model, nnx.Variable).to_pure_dict())
         checkpointer.wait_until_finished()
-        (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_json(), indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        config = json.dumps(model.config.to_json(), indent=2) + "\n"
+        _output(outputs.write_file, tmp / CONFIG_FILE, config.encode())
+        _output(outputs.replace_folder, tmp, path)
+    except BaseException:  # Ctrl-C and SIGTERM (converters) too: nothing of this save is left
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        outputs.remove_created(created)
+        raise
     return path
 
 
-def read_config(path: str | os.PathLike) -> ModelConfig:
+def _output(fn, *args):
+    """``fn(*args)`` with failures to write reported as ModelError (one line: what, where, why)."""
+    try:
+        return fn(*args)
+    except outputs.OutputError as e:
+        raise ModelError(str(e)) from None
+    except OSError as e:
+        raise ModelError(f"cannot write {e.filename or args[-1]}: {e.strerror or e}") from None
+
+
+def is_model_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a model directory as ``save_model`` writes it, holding nothing else."""
     path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    if set(os.listdir(path)) != {CONFIG_FILE, PARAMS_DIR} or not (path / PARAMS_DIR).is_dir():
+        return False
+    try:
+        d = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and "format_version" in d
+
+
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, flag: str = "--out") -> None:
+    """Raises ModelError unless a model directory can be written at ``path`` (before any work is done).
+
+    ``path`` must not exist, or (with ``overwrite``) be a model directory, which is then replaced; the folders
+    above it must exist or be creatable, and writable.
+    """
+    path = Path(path).absolute()
+    if os.path.lexists(path):
+        if not overwrite:
+            raise ModelError(f"{flag} {path} already exists; choose another {flag}, or pass --overwrite to replace "
+                             "it (only a model directory is replaced)")
+        if path.is_symlink():
+            raise ModelError(f"{flag} {path} is a symbolic link; give the folder itself, or a new one")
+        if not is_model_dir(path):
+            kind = "a file" if not path.is_dir() else "a folder that is not a pisam-jax model directory"
+            raise ModelError(f"{flag} {path} is {kind}; --overwrite replaces only model directories ({CONFIG_FILE} "
+                             f"and {PARAMS_DIR}/, nothing else), so choose another {flag}")
+    try:
+        outputs.check_parent(path, flag)
+    except outputs.OutputError as e:
+        raise ModelError(str(e)) from None
+
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".ckpt")
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """The ModelConfig in a model directory's config.json (no parameters are read)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() in _TORCH_SUFFIXES:
+            raise ModelError(
+                f"{path} is a PyTorch checkpoint file; convert it to a model directory first (python -m convert.sam "
+                f"--checkpoint {path} --out DIR; convert.hq_sam for HQ-SAM, convert.pisam for Pi-SAM), then give DIR"
+            )
+        raise ModelError(f"{path} is a file, not a model directory (a folder with {CONFIG_FILE} and {PARAMS_DIR}/)")
     if not path.is_dir():
         raise ModelError(
-            f"model directory {path} does not exist; convert a checkpoint first (python -m convert.sam or convert.hq_sam)"
+            f"model directory {path} does not exist; convert a checkpoint first "
+            "(python -m convert.sam, convert.hq_sam or convert.pisam)"
         )
     config_file = path / CONFIG_FILE
     if not config_file.is_file() or not (path / PARAMS_DIR).is_dir():
+        if (path / "checkpoints").is_dir():
+            raise ModelError(f"{path} is a training workdir, not a model directory; give its export ({path}/export) "
+                             f"or export a checkpoint: python -m pisam_jax.training.checkpoints {path} OUT")
         raise ModelError(f"{path} is not a pisam-jax model directory (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
     try:
-        return ModelConfig.from_json(json.loads(config_file.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ModelError(f"{config_file} is corrupt: {e}") from None
+        d = json.loads(config_file.read_text())
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        return ModelConfig.from_json(d)
+    except ModelError as e:
+        raise ModelError(f"{config_file}: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"{config_file} is corrupt ({e}); convert or export the model again") from None
 
 
 def load_model(path: str | os.PathLike) -> Sam:
-    """Loads a model written by ``save_model`` (or by the converters)."""
+    """Loads a model written by ``save_model`` (or by the converters).
+
+    config.json is checked against the stored parameter shapes first, so an edited config never loads.
+    """
     import orbax.checkpoint as ocp
 
     config = read_config(path)
     model = abstract_model(config)
     state = nnx.state(model, nnx.Variable)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
+    params = Path(path).absolute() / PARAMS_DIR
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        restored = ocp.StandardCheckpointer().restore(Path(path).absolute() / PARAMS_DIR, target)
+        stored = checkpointer.metadata(params).item_metadata
     except Exception as e:  # orbax raises many types; name the directory and the cause
-        raise ModelError(f"cannot read the parameters in {Path(path) / PARAMS_DIR}: {e}") from None
+        raise ModelError(f"cannot read the parameters in {Path(path) / PARAMS_DIR}: {first_line(e)}") from None
+    _check_shapes(Path(path), target, stored)
+    try:
+        restored = checkpointer.restore(params, target)
+    except Exception as e:
+        quiet_orphaned_reads()
+        raise ModelError(f"cannot read the parameters in {Path(path) / PARAMS_DIR}: {first_line(e)}; the files "
+                         "are damaged: convert or export the model again") from None
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model
+
+
+def first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _dotted(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _check_shapes(path: Path, target, stored) -> None:
+    """config.json against the stored parameters: the same arrays with the same shapes, or a ModelError."""
+    want = {_dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    have = {_dotted(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    problems = [f"{k} is missing" for k in sorted(set(want) - set(have))]
+    problems += [f"{k} is not in this model" for k in sorted(set(have) - set(want))]
+    problems += [f"{k} is {have[k]}, the config makes {want[k]}" for k in sorted(set(want) & set(have))
+                 if want[k] != have[k]]
+    if problems:
+        raise ModelError(f"{path / CONFIG_FILE} does not match the parameters in {path / PARAMS_DIR} "
+                         f"({len(problems)} arrays differ; first: {problems[0]}); was config.json edited? "
+                         "Restore it, or convert or export the model again")
+
+
+def quiet_orphaned_reads() -> None:
+    """Silences what a failed orbax restore leaves behind, so the caller's one-line error stays one line.
+
+    On the first failed read orbax closes its event loop while the other tensorstore reads are in flight; each
+    then reports "RuntimeError: Event loop is closed" through ``sys.unraisablehook``, or, finished with the same
+    error, is logged as "Task exception was never retrieved" when collected: dozens of tracebacks. Exactly
+    those two reports are dropped from then on; everything else still goes where it went.
+    """
+    import logging
+    import sys
+
+    if getattr(sys.unraisablehook, "_pisam_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._pisam_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not str(record.msg).startswith("Task exception was never retrieved"))
+
+
+def params_fingerprint(model: Sam) -> str:
+    """sha256 over every variable's path, dtype, shape and bytes: identifies the weights behind a result.
+
+    Independent of how the model was saved or loaded (two conversions of the same file agree).
+    """
+    digest = hashlib.sha256()
+    flat = sorted(((_dotted(p), v) for p, v in nnx.state(model, nnx.Variable).flat_state()), key=lambda nv: nv[0])
+    for name, var in flat:
+        a = np.ascontiguousarray(jax.device_get(var.get_value()))
+        digest.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        digest.update(a.data)
+    return digest.hexdigest()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -49,6 +51,23 @@ def test_writes_mask_and_overlay(tiny_sam, images, tmp_path, capsys, kind):
     assert tuple(picture[20, 80]) == (255, 215, 0), "the box outline is drawn"
     assert tuple(picture[60, 60]) == (0, 200, 0), "the foreground click is drawn"
     assert tuple(picture[30, 140]) == (220, 30, 30), "the background click is drawn"
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, overlay):  # readable by the team as any file the user writes: the umask decides
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_existing_outputs_need_overwrite(tiny_sam, images, tmp_path, capsys):
+    out = tmp_path / "mask.png"
+    out.write_bytes(b"earlier")
+    argv = ["--model", str(tiny_sam[2]), "--image", images["rgb.jpg"], "--box", "10", "20", "150", "110",
+            "--out", str(out)]
+    code, io = _run(capsys, *argv)
+    assert code == 2 and "already exists" in io.err and out.read_bytes() == b"earlier"
+    code, io = _run(capsys, *argv, "--overwrite")
+    assert code == 0, io.err
+    assert np.asarray(Image.open(out)).shape == (120, 160)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.parametrize(
@@ -76,6 +95,7 @@ def test_user_errors_exit_2_without_output(tiny_sam, images, tmp_path, capsys, c
     assert code == 2
     lines = io.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], io.err
+    assert "skip_bad" not in lines[0]  # a dataset option, meaningless here
     assert not (tmp_path / args["out"]).exists() and not (tmp_path / "overlay.png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary file was left behind"
 

@@ -39,7 +39,7 @@ def _open(path: str) -> Image.Image:
     except Exception as e:  # PIL raises many types for corrupt data
         raise ImageReadError(
             f"{path}: cannot decode ({type(e).__name__}: {e}); the file is corrupt or "
-            "not an image; replace or remove it (or open the dataset with skip_bad=True)"
+            "not an image; replace or remove it"
         ) from None
 
 
@@ -148,7 +148,7 @@ def read_size(path: str | os.PathLike) -> tuple[int, int]:
     except Exception as e:
         raise ImageReadError(
             f"{path}: cannot read the header ({type(e).__name__}: {e}); the file is corrupt "
-            "or not an image; replace or remove it (or open the dataset with skip_bad=True)"
+            "or not an image; replace or remove it"
         ) from None
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 

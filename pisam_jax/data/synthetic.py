@@ -22,6 +22,8 @@ import sys
 import cv2
 import numpy as np
 
+from pisam_jax import outputs
+
 KINDS = ("fence", "wires", "lattice", "branches", "text", "holes")
 
 
@@ -220,17 +222,6 @@ def generate_sample(seed: int, index: int, size: int = 2048, kinds=KINDS, detail
     return img, mask, chosen
 
 
-def _write_atomic(path: str, data: bytes):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_sample(out: str, seed: int, index: int, size: int = 2048, quality: int = 95, detail: float = 1.0) -> str:
     """Generate sample ``index`` and write it to ``out/im/<name>.jpg`` and ``out/gt/<name>.png``."""
     img, mask, _ = generate_sample(seed, index, size, detail=detail)
@@ -242,8 +233,8 @@ def write_sample(out: str, seed: int, index: int, size: int = 2048, quality: int
     ok2, png = cv2.imencode(".png", mask)
     if not (ok1 and ok2):
         raise RuntimeError(f"encoding sample {name} failed")
-    _write_atomic(os.path.join(out, "gt", name + ".png"), png.tobytes())
-    _write_atomic(os.path.join(out, "im", name + ".jpg"), jpg.tobytes())
+    outputs.write_files({os.path.join(out, "gt", name + ".png"): png.tobytes(),
+                         os.path.join(out, "im", name + ".jpg"): jpg.tobytes()})
     return name
 
 
@@ -296,6 +287,9 @@ def main(argv=None) -> int:
         generate(a.out, a.n, a.size, a.seed, a.workers, detail=a.detail)
     except OSError as e:
         print(f"error: cannot write to {a.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except outputs.OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -96,7 +96,7 @@ def evaluate_clicks(segs: Sequence, datasets: Sequence[Dataset], out_dir: str | 
     metrics = tuple(dict.fromkeys(metrics))
     runs = [(mode, k) for k in clicks for mode in modes if mode == "ALL" or k == modes_clicks]
     labels = ["Ori"] + [f"{mode}-{k}" for mode, k in runs]
-    check_click_settings(out_dir / "clicks", dict(models={s.name: s.settings for s in segs}, clicks=clicks,
+    check_click_settings(out_dir / "clicks", dict(models={s.name: loop.model_settings(s) for s in segs}, clicks=clicks,
                                             modes=modes, modes_clicks=modes_clicks, seed=seed,
                                             metrics=list(metrics)))
 
@@ -195,16 +195,29 @@ def check_click_settings(clicks_dir: Path, settings: dict) -> None:
     settings = json.loads(json.dumps(settings))  # as read back: lists, string keys
     has_records = any(clicks_dir.glob("*/*/*.npz"))
     if path.is_file() and has_records:
-        old = json.loads(path.read_text())
+        old = loop.read_settings(path)
         if old != settings:
-            diff = ", ".join(f"{k}: {old.get(k)} there, {v} now" for k, v in settings.items() if old.get(k) != v)
-            raise loop.EvalError(f"{clicks_dir} holds click results made with other settings ({diff}); "
-                                 "use another --out or delete that folder")
+            raise loop.EvalError(f"{clicks_dir} holds click results made with other settings "
+                                 f"({_click_settings_change(old, settings)}); use another --out or delete that folder")
         return
     if has_records:
         raise loop.EvalError(f"{clicks_dir} holds click results but not their {loop.SETTINGS_FILE}; "
                              "use another --out or delete that folder")
     write_json(path, settings)
+
+
+def _click_settings_change(old: dict, new: dict) -> str:
+    """What differs, models named one by one (a changed model says which of its settings or weights)."""
+    parts = []
+    old_models, new_models = old.get("models") or {}, new.get("models") or {}
+    if set(old_models) != set(new_models):
+        parts.append(f"models: {', '.join(old_models)} there, {', '.join(new_models)} now")
+    for m in new_models:
+        if m in old_models and old_models[m] != new_models[m]:
+            parts.append(f"model {m}: {loop.settings_change(old_models[m], new_models[m])}")
+    rest = loop.settings_change({k: v for k, v in old.items() if k != "models"},
+                                {k: v for k, v in new.items() if k != "models"})
+    return "; ".join(parts + ([rest] if rest else []))
 
 
 def _score(metrics: Sequence[str], mask: np.ndarray, gt: np.ndarray, key: str) -> tuple[dict, dict]:

@@ -10,7 +10,9 @@ the prediction is saved as a 0/255 PNG at the original resolution under
 scored against the original GT by a ``MetricSuite``. An image whose PNG already exists is
 not predicted again: its PNG is read back and scored, so an interrupted evaluation resumes
 where it stopped and gives the same numbers. ``<out>/<model>/settings.json`` records what
-made the predictions (decoder, geometry, ...); resuming with other settings is an error.
+made the predictions (decoder, geometry, ..., and a fingerprint of the model's parameters,
+``model_settings``); resuming with other settings, or after the model behind the name
+changed (re-converted, re-exported, retrained), is an error naming the change.
 
 ``score_folder`` scores any folder of predictions (``<name>.png``) with the same metric path.
 """
@@ -23,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from pathlib import Path
@@ -30,6 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pisam_jax import outputs
 from pisam_jax.data import images
 from pisam_jax.data.datasets import Dataset, Sample
 from pisam_jax.evaluation.metrics import BIG_METRICS, DIS_METRICS, SOD_METRICS, MetricSuite
@@ -38,6 +42,7 @@ from pisam_jax.evaluation.reports import atomic_write_bytes, write_json
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "settings.json"
+PARAMS_KEY = "params_sha256"  # in a model's settings: which weights made its predictions
 GALLERY_METRIC = "iou"  # always tracked: it ranks the worst-case gallery and the click subset
 
 
@@ -83,18 +88,63 @@ def read_prediction(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarr
     return np.where(pred > 128, 255, 0).astype(np.uint8)
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def params_fingerprint(model) -> str:
+    """``models.params_fingerprint``, computed once per loaded model (0.2 s for vit_b, ~1.5 s for vit_h on CPU)."""
+    from pisam_jax.models import params_fingerprint as fingerprint
+
+    if model not in _FINGERPRINTS:
+        _FINGERPRINTS[model] = fingerprint(model)
+    return _FINGERPRINTS[model]
+
+
+def model_settings(seg) -> dict:
+    """What makes a segmenter's predictions: its settings and the fingerprint of its model's parameters."""
+    return {**seg.settings, PARAMS_KEY: params_fingerprint(seg.model)}
+
+
+def settings_change(old: dict, new: dict) -> str:
+    """The fields of two settings dicts that differ, as "field: A there, B now" (fingerprints shortened)."""
+    def short(k, v):
+        return f"{v[:12]}..." if k == PARAMS_KEY and isinstance(v, str) else v
+
+    return ", ".join(f"{k}: {short(k, old.get(k))} there, {short(k, new.get(k))} now"
+                     for k in dict.fromkeys([*new, *old]) if old.get(k) != new.get(k))
+
+
+def read_settings(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise EvalError(f"{path} is corrupt ({e}); remove the folder {path.parent} to predict again") from None
+
+
 def check_settings(model_dir: Path, settings: dict) -> None:
-    """Record ``settings`` in ``model_dir``, or check they match the ones its predictions were made with."""
+    """Record ``settings`` in ``model_dir``, or check they match the ones its predictions were made with.
+
+    Predictions are never reused for another model or other settings: the error names what changed.
+    """
     path = model_dir / SETTINGS_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
-        if old != settings:
-            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            raise EvalError(f"{model_dir} holds predictions made with other settings "
-                            f"({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
-                            "use another --out or remove that folder")
-        return
+        old = read_settings(path)
+        if old == settings:
+            return
+        if old.get(PARAMS_KEY) != settings.get(PARAMS_KEY):
+            raise EvalError(
+                f"{model_dir} holds predictions of other weights: the model named {model_dir.name} changed since "
+                f"(re-converted, re-exported or retrained; parameters {settings_change(old, settings)}); they are "
+                "not reused: use another --out, or remove that folder to predict again")
+        raise EvalError(f"{model_dir} holds predictions made with other settings ({settings_change(old, settings)}); "
+                        "use another --out or remove that folder")
     write_json(path, settings)
+
+
+def is_eval_output(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds what an evaluation writes (a model's settings.json, or the tables)."""
+    out_dir = Path(out_dir)
+    return (out_dir / "all.json").is_file() or any(out_dir.glob(f"*/{SETTINGS_FILE}"))
 
 
 def prefetch(fn: Callable, items: Iterable, ahead: int = 2):
@@ -146,8 +196,10 @@ def evaluate_dataset(seg, dataset: Dataset, out_dir: str | os.PathLike, *,
         metrics += (GALLERY_METRIC,)
     model_dir = Path(out_dir) / seg.name
     pred_dir = model_dir / dataset.name
+    settings = model_settings(seg)
+    check_settings(model_dir, settings)
     pred_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(model_dir, seg.settings)
+    outputs.clean_stale(pred_dir)  # temporaries of a killed run
     suite = MetricSuite(metrics)
     done = {s.name for s in dataset.samples if prediction_path(out_dir, seg.name, dataset.name, s.name).is_file()}
     computed, reused, skipped = [], [], []
@@ -167,7 +219,7 @@ def evaluate_dataset(seg, dataset: Dataset, out_dir: str | os.PathLike, *,
     for sample, gt, image, pred, err in progress(prefetch(read, dataset.samples), len(dataset), desc, show_progress):
         if err is not None:
             if not skip_bad:
-                raise err
+                raise images.ImageReadError(f"{err} (or leave bad images out: eval.py --skip_bad)")
             skipped.append((sample.name, str(err)))
             continue
         if pred is None:
@@ -186,7 +238,7 @@ def evaluate_dataset(seg, dataset: Dataset, out_dir: str | os.PathLike, *,
     result = DatasetResult(seg.name, dataset.name, suite.results(), suite.per_image, computed, reused,
                            skipped, pred_dir, suite)
     write_json(model_dir / f"{dataset.name}.json",
-               dict(results=result.results, settings=seg.settings, per_image=result.per_image,
+               dict(results=result.results, settings=settings, per_image=result.per_image,
                     skipped=[list(s) for s in skipped]))
     return result
 

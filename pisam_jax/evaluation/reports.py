@@ -23,13 +23,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from pisam_jax import outputs
 from pisam_jax.evaluation.metrics import (BIG_METRICS, CLICK_METRICS, DIS_METRICS, LOWER_IS_BETTER,
                                           SOD_METRICS)
 
@@ -262,19 +262,9 @@ def read_csv(path: str | os.PathLike, key_columns: Sequence[str] = KEY_COLUMNS) 
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place (``outputs.write_file``:
+    parent folders made as needed, the mode from the umask)."""
+    return outputs.write_file(path, data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

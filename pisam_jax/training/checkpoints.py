@@ -13,7 +13,9 @@ coordinates multi-host writes). A checkpoint appears under its final name only o
 any moment restarts from the last complete one.
 
 ``export(model, path)`` writes the model with ``pisam_jax.models.save_model``: ``pisam_jax.load_model(path)``
-then loads it for prediction and evaluation.
+then loads it for prediction and evaluation. From the command line (a multi-host run, or another step):
+``python -m pisam_jax.training.checkpoints WORKDIR OUT [STEP] [--overwrite]``; OUT is never the workdir or in it
+(but WORKDIR/export), and an existing OUT is replaced only with --overwrite and only when it is a model directory.
 """
 
 from __future__ import annotations
@@ -38,10 +40,15 @@ class CheckpointError(ValueError):
     """A checkpoint or workdir that cannot be used; the message says what to do."""
 
 
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of a workdir's complete checkpoints, ascending (orbax renames a checkpoint to its step when done)."""
+    d = Path(workdir) / CHECKPOINT_DIR
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
 def is_workdir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a training workdir with at least one complete checkpoint."""
-    d = Path(path) / CHECKPOINT_DIR
-    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+    return bool(checkpoint_steps(path))
 
 
 def _abstract(tree):
@@ -107,6 +114,7 @@ class Checkpoints:
             out["frozen"] = _fill(frozen_state, out["frozen"])
             return out
         except (ValueError, KeyError, FileNotFoundError) as e:
+            models.quiet_orphaned_reads()
             raise CheckpointError(
                 f"cannot restore checkpoint {self.directory / str(step)}: {e}; it was written by a different "
                 "model or stage, or is damaged: use a new --workdir or remove it"
@@ -123,15 +131,20 @@ class Checkpoints:
 def read_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict[str, Any]]:
     """(step, meta) of the latest (or given) complete checkpoint of a workdir, without loading arrays."""
     directory = Path(workdir).absolute() / CHECKPOINT_DIR
-    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    steps = checkpoint_steps(workdir)
     if not steps:
         raise CheckpointError(f"{workdir} has no checkpoints; train stage 1 there first or give a model directory")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"{workdir} has no checkpoint of step {step}; its steps: {', '.join(map(str, steps))}")
     step = steps[-1] if step is None else step
     meta_dir = directory / str(step) / "meta"
     files = [p for p in meta_dir.iterdir() if p.is_file()] if meta_dir.is_dir() else []
     if not files:
         raise CheckpointError(f"checkpoint {directory / str(step)} has no meta; it is damaged")
-    return step, json.loads(files[0].read_text())
+    try:
+        return step, json.loads(files[0].read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{files[0]} is corrupt ({e}); checkpoint {step} is damaged") from None
 
 
 def trainable_filter_of(meta: dict[str, Any]):
@@ -153,14 +166,19 @@ def load_workdir_model(workdir: str | os.PathLike, step: int | None = None) -> t
     target = lambda s: jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), s.to_pure_dict()
     )
-    with ocp.CheckpointManager(directory) as mngr:
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                train=ocp.args.StandardRestore(target(train_state)),
-                frozen=ocp.args.StandardRestore(target(frozen_state)),
-            ),
-        )
+    try:
+        with ocp.CheckpointManager(directory) as mngr:
+            restored = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    train=ocp.args.StandardRestore(target(train_state)),
+                    frozen=ocp.args.StandardRestore(target(frozen_state)),
+                ),
+            )
+    except Exception as e:  # orbax raises many types for damaged files
+        models.quiet_orphaned_reads()
+        raise CheckpointError(f"cannot read checkpoint {directory / str(step)} "
+                              f"({models.first_line(e)}); it is damaged: give another STEP") from None
     nnx.replace_by_pure_dict(train_state, restored["train"])
     nnx.replace_by_pure_dict(frozen_state, restored["frozen"])
     return nnx.merge(graphdef, train_state, frozen_state), step
@@ -173,11 +191,13 @@ def _host_value(x):
     return x
 
 
-def export(model: models.Sam, path: str | os.PathLike, *, provenance: dict[str, Any] | None = None) -> Path:
+def export(model: models.Sam, path: str | os.PathLike, *, provenance: dict[str, Any] | None = None,
+           overwrite: bool = False) -> Path:
     """Writes ``model`` in our model format (atomically); ``pisam_jax.load_model(path)`` loads it.
 
-    Single process only (``save_model`` writes with one process); for a multi-host run export its workdir
-    afterwards: ``python -m pisam_jax.training.checkpoints WORKDIR OUT``.
+    An existing ``path`` is replaced only with ``overwrite`` and only when it is a model directory
+    (``models.save_model``). Single process only (``save_model`` writes with one process); for a multi-host run
+    export its workdir afterwards: ``python -m pisam_jax.training.checkpoints WORKDIR OUT``.
     """
     import dataclasses
 
@@ -188,24 +208,49 @@ def export(model: models.Sam, path: str | os.PathLike, *, provenance: dict[str, 
     state = jax.tree.map(_host_value, nnx.state(model, nnx.Variable))
     nnx.update(target, state)
     target.config = config
-    return models.save_model(target, path, overwrite=True)
+    return models.save_model(target, path, overwrite=overwrite)
+
+
+def check_export_target(workdir: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool) -> None:
+    """Raises CheckpointError / ModelError unless ``out`` may receive an export of ``workdir`` (before loading).
+
+    ``out`` must not be the workdir, a folder above it or one inside its checkpoints; the rest is
+    ``models.check_output_dir``: absent, or with ``overwrite`` a model directory.
+    """
+    workdir, out = Path(workdir).absolute().resolve(), Path(out).absolute().resolve()
+    if out == workdir or out in workdir.parents or (workdir / CHECKPOINT_DIR) in (out, *out.parents):
+        raise CheckpointError(f"OUT {out} is the workdir being exported, holds it, or lies in its checkpoints; "
+                              f"give a new folder, e.g. {workdir / 'export'}")
+    models.check_output_dir(out, overwrite=overwrite, flag="OUT")
 
 
 def main(argv=None) -> int:
-    """``python -m pisam_jax.training.checkpoints WORKDIR OUT [STEP]``: export a workdir's checkpoint."""
+    """``python -m pisam_jax.training.checkpoints WORKDIR OUT [STEP] [--overwrite]``: export a workdir's checkpoint."""
     import sys
 
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (2, 3):
-        print("usage: python -m pisam_jax.training.checkpoints WORKDIR OUT [STEP]", file=sys.stderr)
-        return 2
+    from pisam_jax.cli import ArgumentParser
+    from pisam_jax.outputs import OutputError
+
+    p = ArgumentParser(prog="python -m pisam_jax.training.checkpoints",
+                                description="Export a training workdir's checkpoint as a model directory.")
+    p.add_argument("workdir", metavar="WORKDIR", help="a training workdir (train.py --workdir)")
+    p.add_argument("out", metavar="OUT", help="the model directory to write (must not exist, unless --overwrite)")
+    p.add_argument("step", metavar="STEP", type=int, nargs="?", help="the checkpoint's step (default: the latest)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a model directory (new one written beside it, swapped in, old removed)")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        model, step = load_workdir_model(argv[0], int(argv[2]) if len(argv) == 3 else None)
-        out = export(model, argv[1], provenance={"trained_in": str(Path(argv[0]).absolute()), "step": step})
-    except (CheckpointError, models.ModelError, ValueError) as e:
+        if not is_workdir(args.workdir):
+            raise CheckpointError(f"WORKDIR {args.workdir} is not a training workdir with a checkpoint "
+                                  f"({CHECKPOINT_DIR}/<step>/); give the --workdir of a train.py run")
+        check_export_target(args.workdir, args.out, overwrite=args.overwrite)
+        model, step = load_workdir_model(args.workdir, args.step)
+        out = export(model, args.out, provenance={"trained_in": str(Path(args.workdir).absolute()), "step": step},
+                     overwrite=args.overwrite)
+    except (CheckpointError, models.ModelError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"exported step {step} of {argv[0]} to {out}")
+    print(f"exported step {step} of {args.workdir} to {out}")
     return 0
 
 

@@ -7,7 +7,9 @@ writes; other processes get a writer that does nothing.
     WORKDIR/tensorboard/        event files: ``tensorboard --logdir WORKDIR/tensorboard`` (scalars, and the
                                 sample-prediction panels ``samples/<i>`` of ``training.samples``)
 
-On resume the JSONL is cut back to the restored step, so it always reads as one uninterrupted run.
+A run calls ``truncate_after(start)`` before its first write: a fresh start (0) empties the JSONL, a resume cuts it
+back to the restored step, so it always reads as one uninterrupted run; TensorBoard gets the same cut as a purge
+step (``SummaryWriter(purge_step=...)``: TensorBoard drops the earlier events from that step on).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+from pisam_jax import outputs
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tensorboard"
@@ -39,27 +43,40 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 class MetricWriter:
     def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = Path(workdir) / METRICS_FILE
+        self.workdir = Path(workdir)
+        self.path = self.workdir / METRICS_FILE
         self._tb = None
+        self._purge_step = None
+        self._tb_available = False
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                import tensorboardX  # noqa: F401  (optional: the JSONL is the record)
 
-                self._tb = SummaryWriter(str(Path(workdir) / TB_DIR))
-            except ImportError:  # optional: the JSONL is the record
-                self._tb = None
+                self._tb_available = True
+            except ImportError:
+                pass
 
     def truncate_after(self, step: int) -> None:
-        """Drop records with a step after ``step`` (written by a run that was killed later than its checkpoint)."""
-        if not self.enabled or not self.path.exists():
+        """Drop records with a step after ``step`` (written by a run that was killed later than its checkpoint, or
+        before its first one); TensorBoard's events after ``step`` are purged when it next writes."""
+        if not self.enabled:
+            return
+        self._purge_step = step + 1
+        if not self.path.exists():
             return
         keep = [r for r in read_jsonl(self.path) if r.get("step", -1) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+        outputs.write_file(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+    def _tensorboard(self):
+        """The SummaryWriter, made on first use (after ``truncate_after`` has set the purge step)."""
+        if self._tb is None and self._tb_available:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / TB_DIR), purge_step=self._purge_step)
+        return self._tb
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -71,20 +88,21 @@ class MetricWriter:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
-        if self._tb is not None:
+        tb = self._tensorboard()
+        if tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(float(v)):
-                    self._tb.add_scalar(k, float(v), int(step))
+                    tb.add_scalar(k, float(v), int(step))
 
     @property
     def writes_images(self) -> bool:
         """Whether :meth:`image` writes anything (process 0 with tensorboardX): else skip composing images."""
-        return self.enabled and self._tb is not None
+        return self.enabled and self._tb_available
 
     def image(self, step: int, tag: str, image) -> None:
         """An (H, W, 3) uint8 image to TensorBoard (sample predictions, ``training.samples``)."""
         if self.writes_images:
-            self._tb.add_image(tag, image, int(step), dataformats="HWC")
+            self._tensorboard().add_image(tag, image, int(step), dataformats="HWC")
 
     def close(self) -> None:
         if self._tb is not None:

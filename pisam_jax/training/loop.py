@@ -43,7 +43,7 @@ from pisam_jax.data import pipeline
 from pisam_jax.models import ModelConfig
 from pisam_jax.training import checkpoints as ckpt_lib
 from pisam_jax.training import logging as log_lib
-from pisam_jax.training import samples, stages, trainable
+from pisam_jax.training import samples, stages, trainable, workdirs
 from pisam_jax.training import step as step_lib
 from pisam_jax.training.stages import Stage
 
@@ -327,8 +327,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
     stage = stages.get(config)
     workdir = Path(workdir).absolute()
     is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
+    workdirs.prepare(workdir, config_json(config), write=is_main)
     _barrier("workdir")
 
     datasets = open_data(config)
@@ -357,8 +356,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
         train_state, frozen_state, opt_state = step_lib.replicate((train_state, frozen_state, opt_state), mesh)
         data_iter = make_iterator(config, datasets, graphdef_config(graphdef, train_state, frozen_state).image_size)
         start = 0
-        if is_main:
-            (workdir / "config.json").write_text(json.dumps(config_json(config), indent=2) + "\n")
     else:
         _, meta = ckpt_lib.read_meta(workdir, latest)
         if stages.stage_name(meta.get("stage")) != stage.name:
@@ -378,7 +375,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
         )
         train_state, frozen_state, opt_state = restored["train"], restored["frozen"], restored["opt"]
         start = latest
-        writer.truncate_after(latest)
+    writer.truncate_after(start)
     model_config = graphdef_config(graphdef, train_state, frozen_state)
 
     if is_main:
@@ -466,7 +463,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
     export_path = None
     if jax.process_count() == 1 and total_steps > start:
         model = nnx.merge(graphdef, train_state, frozen_state)
-        export_path = str(ckpt_lib.export(model, workdir / EXPORT_DIR, provenance={
+        export_path = str(ckpt_lib.export(model, workdir / EXPORT_DIR, overwrite=True, provenance={
             "trained_in": str(workdir), "stage": stage.name, "step": total_steps}))
     _barrier("done")
     return Result(step=total_steps, last_metrics=metrics, export=export_path, workdir=str(workdir))

@@ -2,7 +2,7 @@
 
     python quickstart.py [--workdir runs/quickstart] [--seed 0]
 
-1. generates synthetic thin-structure data under WORKDIR/data: 512 px training images (DIS5K-TR) and
+1. generates synthetic thin-structure data under WORKDIR/data: 256 px training images (DIS5K-TR) and
    held-out images drawn with another seed (DIS5K-VD);
 2. trains the miniature recipe (``configs/miniature.py``): a small SAM from scratch, then HQ-SAM on the frozen
    SAM, then Pi-SAM stage 1 (High-Resolution Mask Decoder) and stage 2 (Precise Interactor) on it;
@@ -33,7 +33,7 @@ from pathlib import Path
 REPORT = "report.json"
 TRAIN = ("DIS5K/DIS-TR", 400)  # folder under the data root, images
 HELD_OUT = ("DIS5K/DIS-VD", 60)
-IMAGE_SIZE, DETAIL = 512, 6  # synthetic images: long side, structure widths (configs/miniature.py says why)
+IMAGE_SIZE, DETAIL = 256, 12  # synthetic images: long side, structure widths (configs/miniature.py says why)
 # (report name, training stage, its workdir, where it starts from)
 RUNS = (("sam", "sam", "sam", None), ("hq", "hq", "hq", "sam"), ("stage1", "stage1", "pisam_stage1", "sam"),
         ("pisam", "stage2", "pisam", "pisam_stage1"))

@@ -19,6 +19,7 @@ Fields (override any with ``--config.<field>=value``):
   steps_per_epoch       0: len(dataset) // batch_size (drop_last, as the reference)
   max_steps             stop after this many steps (0: num_epochs * steps_per_epoch)
   learning_rate         Adam 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay
+  lr_drop_epoch         > 0: the rate drops x0.1 every this many epochs instead of the cosine (HQ-SAM's recipe)
   warmup_steps          linear warm-up of the rate over this many steps (0: none, as the Pi-SAM reference)
   weight_decay          > 0: AdamW with this decoupled decay (0: Adam, as the Pi-SAM reference)
   num_points            points per mask at which the mask losses are taken (spec 5.1: 112^2)
@@ -68,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.steps_per_epoch = 0
     c.max_steps = 0
     c.learning_rate = 1e-3
+    c.lr_drop_epoch = 0
     c.warmup_steps = 0
     c.weight_decay = 0.0
     c.num_points = 112 * 112

@@ -70,9 +70,11 @@ DATASETS: dict[str, DatasetSpec] = dict([
 ALIASES = {"ThinObject5k-TR": "ThinObject5K-TR", "ThinObject5k-TE": "ThinObject5K-TE",
            "BIG_test": "BIG-test", "BIG_val": "BIG-val", "DAVIDS": "DAVIS-S", "HRS10K_HD": "HRS10K-HD"}
 
-# Groups (D8): the paper's four training sets by default; the reference's nine-set "ALL".
+# Groups (D8): the paper's four training sets by default; the reference's nine-set "ALL"; HQ-SAM's HQSeg-44K.
 GROUPS: dict[str, tuple[str, ...]] = {
     "paper-train": ("DIS5K-TR", "ThinObject5K-TR", "HRSOD-TR", "UHRSD-TR"),
+    # HQ-SAM's training set, HQSeg-44K (its train.py)
+    "hqseg-train": ("DIS5K-TR", "ThinObject5K-TR", "FSS", "DUTS-TR", "DUTS-TE", "ECSSD", "MSRA10K"),
     "all-train": ("DIS5K-TR", "ThinObject5K-TR", "HRSOD-TR", "UHRSD-TR",
                   "FSS", "DUTS-TR", "DUTS-TE", "ECSSD", "MSRA10K"),
     "paper-test": ("DIS5K-VD", "DIS5K-TE1", "DIS5K-TE2", "DIS5K-TE3", "DIS5K-TE4",

@@ -347,7 +347,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
     filt = stage.trainable()
     lr = float(config.learning_rate)
     tx = step_lib.make_optimizer(steps_per_epoch=steps_per_epoch, num_epochs=config.num_epochs, learning_rate=lr,
-                                 warmup_steps=config.warmup_steps, weight_decay=config.weight_decay)
+                                 warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+                                 lr_drop_epoch=config.lr_drop_epoch)
     if latest is None:
         model, provenance = initial_model(config, stage)
         graphdef, train_state, frozen_state = nnx.split(model, filt, ...)

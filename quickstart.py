@@ -31,8 +31,10 @@ import time
 from pathlib import Path
 
 REPORT = "report.json"
+TIMINGS = "timings.json"  # seconds spent in each step, summed over interrupted and resumed runs
 TRAIN = ("DIS5K/DIS-TR", 400)  # folder under the data root, images
 HELD_OUT = ("DIS5K/DIS-VD", 60)
+CLICK_SUBSET = 20  # the click protocol's n worst images (the paper: 200 of its test sets)
 IMAGE_SIZE, DETAIL = 256, 12  # synthetic images: long side, structure widths (configs/miniature.py says why)
 # (report name, training stage, its workdir, where it starts from)
 RUNS = (("sam", "sam", "sam", None), ("hq", "hq", "hq", "sam"), ("stage1", "stage1", "pisam_stage1", "sam"),
@@ -46,9 +48,15 @@ ABLATIONS = (("pisam_stage1", None), ("no_rgb_embedding", "pi_rgb_embedding"),
              ("no_deformable", "pi_deformable"), ("low_res_output", "pi_high_res"))
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], timings: Path | None = None, key: str = "") -> None:
+    """Runs one step; with ``timings``, adds its wall time under ``key`` (a resumed step adds up)."""
     print("\n$ " + shlex.join(cmd), flush=True)
+    t0 = time.time()
     code = subprocess.call(cmd)
+    if timings is not None:
+        spent = json.loads(timings.read_text()) if timings.is_file() else {}
+        spent[key] = spent.get(key, 0.0) + time.time() - t0
+        timings.write_text(json.dumps(spent, indent=2) + "\n")
     if code:
         sys.exit(code)
 
@@ -64,7 +72,7 @@ def mean_logged(workdir: Path, key: str) -> float:
     return float(sum(values) / len(values))
 
 
-def build_report(work: Path, minutes: float, settings: dict) -> dict:
+def build_report(work: Path, settings: dict) -> dict:
     eval_dir = work / "eval"
     box = json.loads((eval_dir / "all.json").read_text())
     clicks = json.loads((eval_dir / "clicks_table.json").read_text())
@@ -75,8 +83,8 @@ def build_report(work: Path, minutes: float, settings: dict) -> dict:
         "clicks": {m: {str(k): {n: clicks[m][str(k)][v] for n, v in CLICK_METRICS.items()} for k in (0, *CLICKS)}
                    for m in MODELS},
         "stage2_valid_fraction": mean_logged(work / "pisam", "valid_fraction"),
-        "minutes": round(minutes, 2),
-        "images": {"held_out": HELD_OUT[1], "click_subset": len(subset["subset"])},
+        "minutes": round(sum(json.loads((work / TIMINGS).read_text()).values()) / 60, 2),
+        "images": {"held_out": HELD_OUT[1], "click_subset": len(subset["names"])},
         "settings": settings,
     }
 
@@ -91,7 +99,7 @@ def report_markdown(r: dict) -> str:
               "", "| model | " + " | ".join(ks) + " |", "|---" * (len(ks) + 1) + "|"]
     lines += [f"| {m} | " + " | ".join(f"{v[k]['iou']:.3f}" for k in ks) + " |" for m, v in r["clicks"].items()]
     lines += ["", f"Stage 2: clicks simulated for {100 * r['stage2_valid_fraction']:.1f}% of the training samples",
-              f"Run time: {r['minutes']:.1f} minutes"]
+              f"Run time: {r['minutes']:.1f} minutes (data, training and evaluation)"]
     return "\n".join(lines)
 
 
@@ -137,24 +145,26 @@ def main(argv=None) -> None:
         print(f"\n(from {report_path}; delete it, or use another --workdir, to run again)")
         return
 
-    start = time.time()
     py = sys.executable
+    timings = work / TIMINGS
+    work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
     for (folder, n), held_out in ((TRAIN, False), (HELD_OUT, True)):
         if not (data / folder / "gt").is_dir() or len(list((data / folder / "gt").iterdir())) < n:
             run([py, "-m", "pisam_jax.data.synthetic", "--out", str(data / folder), "--n", str(n),
-                 "--size", str(IMAGE_SIZE), "--detail", str(DETAIL), "--seed", str(data_seed(args.seed, held_out))])
+                 "--size", str(IMAGE_SIZE), "--detail", str(DETAIL), "--seed", str(data_seed(args.seed, held_out))],
+                timings, "data")
 
     for _, stage, run_dir, init in RUNS:
         if not (work / run_dir / "export" / "config.json").is_file():
-            run(train_command(work, stage, run_dir, init, args.seed))
+            run(train_command(work, stage, run_dir, init, args.seed), timings, stage)
 
     models = ",".join(str(work / m / "export") for m in MODELS)
     run([py, "eval.py", f"--model={models}", f"--data_root={data}", "--datasets=DIS5K-VD",
-         f"--out={work / 'eval'}", "--clicks=" + ",".join(map(str, CLICKS)), f"--subset={HELD_OUT[1]}",
-         f"--seed={args.seed}", "--gallery=4"])
+         f"--out={work / 'eval'}", "--clicks=" + ",".join(map(str, CLICKS)), f"--subset={CLICK_SUBSET}",
+         f"--seed={args.seed}", "--gallery=4"], timings, "eval")
 
-    report = build_report(work, (time.time() - start) / 60, settings)
+    report = build_report(work, settings)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     (work / "report.md").write_text(report_markdown(report) + "\n")
     print("\n" + report_markdown(report))

@@ -24,7 +24,7 @@ from configs import common
 
 STAGES = ("sam", "hq", "stage1", "stage2")
 # Steps of each stage (the quickstart's budget: about 10 minutes on two CPU cores, all stages and evaluation).
-STEPS = {"sam": 1000, "hq": 300, "stage1": 400, "stage2": 300}
+STEPS = {"sam": 1000, "hq": 300, "stage1": 400, "stage2": 400}
 
 
 def get_config(arg: str = "sam"):

@@ -209,7 +209,7 @@ class GlobalBatchRows(grain.MapDataset):
         return self._parent[self._parent_index(index)]
 
     def _getitems(self, indices):
-        return self._parent._getitems([self._parent_index(i) for i in indices])  # pylint: disable=protected-access
+        return self._parent._getitems([self._parent_index(i) for i in indices])
 
     def __str__(self) -> str:
         return f"GlobalBatchRows(rows={self._rows}, offset={self._offset}, global={self._global})"

@@ -234,7 +234,7 @@ def test_iterator_state_restore(synth):
 
 
 def test_epochs_cover_the_data(synth):
-    src = pipeline.mixed_source([synth[0]], seed=0, shard_index=0, shard_count=1, num_epochs=2)
+    src = pipeline.mixed_source([synth[0]], seed=0, num_epochs=2)
     names = [src[i].name for i in range(len(src))]
     assert len(names) == 12 and sorted(names[:6]) == sorted(s.name for s in synth[0].samples)
     assert sorted(names[6:]) == sorted(names[:6]) and names[6:] != names[:6]  # reshuffled
@@ -251,25 +251,45 @@ def test_shards_disjoint_and_cover():
         pipeline.shard(ds, 4, 4)
 
 
-def test_host_shards_of_the_train_stream(synth):
-    per_host = [pipeline.mixed_source([synth[0]], seed=0, shard_index=i, shard_count=2, num_epochs=1)
-                for i in range(2)]
-    names = [[s.name for s in h] for h in per_host]
-    assert not set(names[0]) & set(names[1])
-    assert sorted(names[0] + names[1]) == sorted(s.name for s in synth[0].samples)
+@pytest.mark.parametrize("weights", [None, [0.5, 0.5]])
+def test_processes_read_rows_of_the_one_process_batches(synth, weights):
+    """N processes of B rows each see, in process order, exactly the global batches of one process with N * B
+    rows: the same images, augmentation and boxes, whatever N (the multi-host training test relies on it)."""
+    kw = dict(seed=3, weights=weights, augment=pipeline.TrainAugment(size=64), threads=1)
+    one = iter(pipeline.train_dataset(list(synth), batch_size=4, shard_index=0, shard_count=1, **kw))
+    parts = {n: [iter(pipeline.train_dataset(list(synth), batch_size=4 // n, shard_index=i, shard_count=n, **kw))
+                 for i in range(n)] for n in (2, 4)}
+    for _ in range(4):  # past the first epoch (9 images)
+        want = next(one)
+        for n, its in parts.items():
+            got = [next(it) for it in its]
+            for k in ("image", "mask", "box", "has_object", "input_size"):
+                np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k], err_msg=f"{n} {k}")
+    # rows map onto the global stream as documented, and a process's iterator resumes
+    ds = pipeline.global_batch_rows(grain.MapDataset.range(20), 2, 1, 3)
+    assert list(ds) == [2, 3, 8, 9, 14, 15] and len(ds) == 6  # 18..19: an incomplete global batch, dropped
+    it = iter(pipeline.train_dataset(list(synth), batch_size=2, shard_index=1, shard_count=2, **kw))
+    next(it)
+    state = it.get_state()
+    expected = next(it)
+    it2 = iter(pipeline.train_dataset(list(synth), batch_size=2, shard_index=1, shard_count=2, **kw))
+    it2.set_state(state)
+    _equal(next(it2), expected)
+    with pytest.raises(ValueError):
+        pipeline.global_batch_rows(grain.MapDataset.range(20), 2, 3, 3)
 
 
 def test_mixing(synth):
     a, b = synth
-    cat = pipeline.mixed_source([a, b], seed=0, shard_index=0, shard_count=1, num_epochs=1)
+    cat = pipeline.mixed_source([a, b], seed=0, num_epochs=1)
     assert sorted(s.name for s in cat) == sorted(s.name for s in a.samples + b.samples)
-    mix = pipeline.mixed_source([a, b], seed=0, weights=[0.75, 0.25], shard_index=0, shard_count=1)
+    mix = pipeline.mixed_source([a, b], seed=0, weights=[0.75, 0.25])
     got = [mix[i].dataset for i in range(200)]
     assert 0.65 < got.count("A") / 200 < 0.85
     with pytest.raises(ValueError):
-        pipeline.mixed_source([a, b], seed=0, weights=[1.0], shard_index=0, shard_count=1)
+        pipeline.mixed_source([a, b], seed=0, weights=[1.0])
     with pytest.raises(ValueError, match="no samples"):
-        pipeline.mixed_source([[]], seed=0, shard_index=0, shard_count=1)
+        pipeline.mixed_source([[]], seed=0)
 
 
 def test_bad_file_at_read_time_names_it(tmp_path):

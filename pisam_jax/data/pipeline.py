@@ -15,9 +15,14 @@ Evaluation: ``stretch`` (bilinear to 1024 x 1024 in float, the paper's tables) o
 float resized mask. Samples keep their name, original size and mask path, to be scored
 at the original resolution.
 
-Determinism: everything random derives from ``seed`` and the element index (grain's
-``random_map``), so the stream is the same for any number of threads or workers, and
-``get_state()`` / ``set_state()`` of the iterator resume it exactly.
+Determinism: everything random derives from ``seed`` and the element's index in the
+global stream (grain's ``random_map``), so the stream is the same for any number of
+threads, workers or processes, and ``get_state()`` / ``set_state()`` of the iterator
+resume it exactly. Multi-host training reads one global stream: with ``count`` processes
+of ``B`` rows each, every global batch is ``count * B`` consecutive elements of it, and
+process ``p`` reads rows ``[p * B, (p + 1) * B)`` (``global_batch_rows``), the order in
+which ``training.step.shard_batch`` assembles them. So N processes train on exactly the
+batches one process would.
 """
 
 from __future__ import annotations
@@ -158,20 +163,70 @@ def _samples(ds: Dataset | Sequence[Sample]) -> list[Sample]:
 def shard(ds: grain.MapDataset, index: int | None = None, count: int | None = None) -> grain.MapDataset:
     """This host's shard: elements index, index + count, ... (default: jax process index/count).
 
-    Shards are disjoint and cover the dataset; their lengths differ by at most one.
+    Shards are disjoint and cover the dataset; their lengths differ by at most one. (Evaluation;
+    training reads rows of global batches instead, ``global_batch_rows``.)
     """
+    index, count = _process(index, count)
+    return ds[index::count]
+
+
+def _process(index: int | None, count: int | None) -> tuple[int, int]:
+    """(index, count), by default jax's process index and count; checked."""
     if index is None or count is None:
         import jax
         index, count = jax.process_index(), jax.process_count()
     if not 0 <= index < count:
         raise ValueError(f"shard index {index} not in [0, {count})")
-    return ds[index::count]
+    return index, count
+
+
+class GlobalBatchRows(grain.MapDataset):
+    """Process ``index``'s rows of the global batches of ``parent``: its elements
+    ``g * count * rows + index * rows + r`` for global batch g = 0, 1, ... and r < rows, in that
+    order. Batching it by ``rows`` gives this process's part of each global batch; the processes'
+    parts, in process order, are the global batches of ``parent`` batched by ``count * rows``.
+    A trailing partial global batch is dropped (as ``drop_remainder``)."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, *, rows: int, index: int, count: int):
+        super().__init__(parent)
+        if rows <= 0:
+            raise ValueError(f"rows must be positive, got {rows}")
+        self._rows, self._offset, self._global = rows, index * rows, count * rows
+        self._length = (len(parent) // self._global) * rows
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        g, r = divmod(index, self._rows)
+        return g * self._global + self._offset + r
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._parent_index(index)]
+
+    def _getitems(self, indices):
+        return self._parent._getitems([self._parent_index(i) for i in indices])
+
+    def __str__(self) -> str:
+        return f"GlobalBatchRows(rows={self._rows}, offset={self._offset}, global={self._global})"
+
+
+def global_batch_rows(ds: grain.MapDataset, rows: int, index: int | None = None,
+                      count: int | None = None) -> grain.MapDataset:
+    """``GlobalBatchRows`` for process ``index`` of ``count`` (default: jax's)."""
+    index, count = _process(index, count)
+    return GlobalBatchRows(ds, rows=rows, index=index, count=count)
 
 
 def mixed_source(datasets: Sequence[Dataset | Sequence[Sample]], *, seed: int,
-                 weights: Sequence[float] | None = None, shard_index=None, shard_count=None,
+                 weights: Sequence[float] | None = None,
                  num_epochs: int | None = None) -> grain.MapDataset:
-    """Shuffled, repeated, sharded stream of ``Sample`` over several datasets (D8).
+    """Shuffled, repeated stream of ``Sample`` over several datasets (D8): the global stream,
+    the same on every process.
 
     ``weights=None`` concatenates them (every image equally likely, as the reference's
     ConcatDataset); otherwise each dataset is shuffled and repeated on its own and they are
@@ -182,13 +237,11 @@ def mixed_source(datasets: Sequence[Dataset | Sequence[Sample]], *, seed: int,
         if len(p) == 0:
             raise ValueError(f"dataset {getattr(d, 'name', '?')} has no samples")
     if weights is None:
-        ds = shard(grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0],
-                   shard_index, shard_count)
+        ds = grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0]
         return ds.shuffle(seed=seed).repeat(num_epochs)
     if len(weights) != len(parts):
         raise ValueError(f"{len(weights)} weights for {len(parts)} datasets")
-    parts = [shard(p, shard_index, shard_count).shuffle(seed=seed + i).repeat()
-             for i, p in enumerate(parts)]
+    parts = [p.shuffle(seed=seed + i).repeat() for i, p in enumerate(parts)]
     return grain.MapDataset.mix(parts, list(weights))
 
 
@@ -223,14 +276,18 @@ def train_dataset(datasets: Sequence[Dataset | Sequence[Sample]], *, batch_size:
     ``image`` (B, 1024, 1024, 3) float32 0..255, ``mask`` (B, 1024, 1024) float32 0..255
     (soft at resized edges; the loss target is ``mask / 255``), ``box``
     (B, 4) float32 (x0, y0, x1, y1), ``has_object`` (B,) bool, ``input_size`` (B, 2) int32
-    (the unpadded crop); 16 MiB of host memory a sample. ``batch_size`` is per host. ``iter(ds)`` gives a checkpointable
+    (the unpadded crop); 16 MiB of host memory a sample. ``batch_size`` is per process:
+    process ``shard_index`` of ``shard_count`` (default: jax's) gets rows
+    ``[shard_index * batch_size, (shard_index + 1) * batch_size)`` of each global batch of
+    ``shard_count * batch_size`` (module docstring). ``iter(ds)`` gives a checkpointable
     iterator (``get_state`` / ``set_state``). Images are read and augmented in ``threads``
     threads with up to ``prefetch`` images ahead; ``workers`` > 0 runs all of it in that
     many processes (each with its threads).
     """
-    ds = mixed_source(datasets, seed=seed, weights=weights, shard_index=shard_index,
-                      shard_count=shard_count, num_epochs=num_epochs)
+    ds = mixed_source(datasets, seed=seed, weights=weights, num_epochs=num_epochs)
+    # augment before choosing rows: an element's randomness follows its global index
     ds = ds.map(load).random_map(augment, seed=seed)
+    ds = global_batch_rows(ds, batch_size, shard_index, shard_count)
     return _iter(ds, threads, prefetch, workers, batch_size)
 
 

@@ -10,7 +10,8 @@ One step:
     (``stage.trainable()``), so no gradient of a frozen parameter is ever computed.
 
 Data parallel over a ``("data",)`` mesh of all devices (all hosts): ``batch_size`` is global, each host reads
-its own shard of the data (``batch_size / process_count`` rows a step). Everything random is a function of
+its rows of each global batch (``batch_size / process_count`` of them, ``data.pipeline``), so any number of hosts
+trains on the batches of one. Everything random is a function of
 (seed, step): the loss and prompts (``fold_in(key, step)``), the stage-2 clicks (numpy, per global row) and the
 data (grain, whose iterator state is checkpointed), so a resumed run repeats an uninterrupted one exactly.
 

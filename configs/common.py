@@ -13,7 +13,8 @@ Fields (override any with ``--config.<field>=value``):
   model.*               ModelConfig fields: model_type plus any size override (tiny recipes); with init_from,
                         the encoder sizes come from the checkpoint and must agree with these
   data.*                datasets (names or groups, D8: paper-train), data_root, augmentation, reader threads/workers,
-                        synthetic (generate that many synthetic images under data_root when the data is absent)
+                        synthetic (generate that many synthetic images under data_root when the data is absent;
+                        synthetic_size their long side, synthetic_detail their structure widths, see data.synthetic)
   batch_size            global batch over all devices and hosts (spec: 32 = 8 GPUs x 4)
   num_epochs            cosine schedule length in epochs, stepped once per epoch (spec: 100)
   steps_per_epoch       0: len(dataset) // batch_size (drop_last, as the reference)
@@ -63,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.skip_bad = False
     c.data.synthetic = 0
     c.data.synthetic_size = 1024
+    c.data.synthetic_detail = 1.0
 
     c.batch_size = 32
     c.num_epochs = 100

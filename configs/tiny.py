@@ -31,6 +31,7 @@ def get_config(arg: str = "stage1"):
     c.data.data_root = "/tmp/pisam_tiny_data"
     c.data.synthetic = 8
     c.data.synthetic_size = 384
+    c.data.synthetic_detail = 4.0  # structures thick enough at 256 px for stage 2 to find errors to click
     c.data.threads = 1
     c.batch_size = 2
     c.num_epochs = 25

@@ -29,6 +29,9 @@ Where this project decides otherwise (PISAM_SPEC decisions), the official behavi
   * Loss weights: the official weight is valid_mask; ours is valid * has_object, where has_object (some pixel of
     the augmented mask > 128) is False when the random crop lost the object (the official trains that sample
     with a (1e8, 1e8, 0, 0) box and an empty target).
+  * The click grid (README decision): the official clicks on its 256^2 grid, where its low-resolution mask lives at
+    1024 input. Ours keeps that 256^2 grid for any model size: the low-resolution logits are first resized to it
+    bilinearly (``on_click_grid``; the identity at 1024 input), then steps 1-5 run there.
   * Randomness: the official uses Python's ``random`` and ``torch.topk`` (ties arbitrary); ours a numpy generator
     per global batch row, seeded by (seed, step, row). Draws cannot be compared, only their support and law.
 
@@ -61,6 +64,14 @@ def labels_low(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """The reference's ``labels_256``: the float 0..255 target (S, S) resized bilinearly to hw, as float32."""
     t = torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None, None]
     return F.interpolate(t, size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def on_click_grid(low_res_logits: np.ndarray, grid: int = 256) -> np.ndarray:
+    """Low-resolution logits (h, w) resized bilinearly (align_corners=False) to the grid x grid click grid."""
+    t = torch.from_numpy(np.asarray(low_res_logits, np.float32))[None, None]
+    if t.shape[-2:] == (grid, grid):
+        return t[0, 0].numpy()
+    return F.interpolate(t, size=(grid, grid), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
 def _remove_boundary(region: torch.Tensor) -> torch.Tensor:

@@ -265,7 +265,7 @@ def test_stage2_training_inputs_match_the_spec_oracle(stage1_run, tmp_path, cach
     assert seen["valid"].shape == (12,) and seen["low_res"].shape == (12, 64, 64)  # 3 steps x 4 rows, 64^2
     ks, ns = [], []
     for i in range(12):
-        low = seen["low_res"][i]
+        low = oracle.on_click_grid(seen["low_res"][i])  # 64^2 -> the 256^2 click grid
         comps = oracle.error_components(low, oracle.labels_low(seen["mask"][i], low.shape))
         r = oracle.check_sample(comps, seen["points"][i], seen["labels"][i], seen["valid"][i])
         ks.append(r["k"])

@@ -124,7 +124,7 @@ def open_data(config: ml_collections.ConfigDict) -> list[datasets_lib.Dataset]:
                 if Path(root) / spec.image_dir != (Path(root) / spec.gt_dir).parent / "im":
                     raise UsageError(f"synthetic data can only be generated for the DIS5K layout, not {name}")
                 synthetic.generate(str(im.parent), config.data.synthetic, size=config.data.synthetic_size,
-                                   seed=config.seed, progress=config.progress)
+                                   seed=config.seed, progress=config.progress, detail=config.data.synthetic_detail)
         _barrier("synthetic_data")
     if not Path(root).is_dir():
         raise UsageError(

@@ -152,7 +152,9 @@ def run() -> None:
         if len(modes) > 1:
             tables.append(("click_modes_table", reports.click_modes_table(cr.table7, modes=("Ori", *[
                 m for m in reports.CLICK_MODES if m in modes])), cr.table7))
-        reports.plot_clicks(cr.table2, out / "clicks.png")
+        reports.plot_clicks(cr.table2, out / "clicks.png", metrics=("iou",) + reports.CLICK_METRICS,
+                            title=f"Metrics versus number of clicks (mean over the {len(cr.subset)} images of the "
+                                  "click subset)")
         print(f"click protocol on {len(cr.subset)} images ({out / 'clicks' / 'subset.json'}); plot: {out / 'clicks.png'}")
 
     for stem, table, res in tables:

@@ -110,8 +110,8 @@ def compose_panel(
 ) -> np.ndarray:
     """One sample's panel, (h, 3 * w + 2 * GAP, 3) uint8: image (with box, clicks) | ground truth | prediction.
 
-    image (S, S, 3) 0..255; gt (S, S) 0..255 (soft values rounded for display); pred (S, S) bool; input_size (h, w): the unpadded part shown
-    (default: all); box (4,) x0 y0 x1 y1 in pixels; points (N, 2) (x, y) normalised with pixel centres, as the
+    image (S, S, 3) 0..255; gt (S, S) 0..255 (soft values rounded for display); pred (S, S) bool; input_size
+    (h, w): the unpadded part shown (default: all); box (4,) x0 y0 x1 y1 in pixels; points (N, 2) (x, y) normalised with pixel centres, as the
     model takes them ((x_px + 0.5) / S), labels (N,) 1 foreground / 0 background / -1 padding (not drawn).
     Each tile is the shown part scaled to at most ``size`` px on its long side (never up).
     """

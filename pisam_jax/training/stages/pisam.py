@@ -68,9 +68,9 @@ class Stage1(PiStage):
 def simulate_clicks(logits: np.ndarray, gt: np.ndarray, *, seed: int, step: int, first_row: int) -> dict:
     """Training clicks (spec 6) for rows ``first_row, first_row + 1, ...`` of the global batch at ``step``.
 
-    logits (B, g, g) the low-resolution prediction, gt (B, g, g) the target (0..255), on the click grid. Each row draws from its own
-    generator, seeded by (seed, step, global row). -> {"points" (B, 10, 2), "labels" (B, 10) 1 / 0 / -1 padding,
-    "valid" (B,)}.
+    logits (B, g, g) the low-resolution prediction, gt (B, g, g) the target (0..255), on the click grid. Each row
+    draws from its own generator, seeded by (seed, step, global row). -> {"points" (B, 10, 2), "labels" (B, 10)
+    1 / 0 / -1 padding, "valid" (B,)}.
     """
     rows = [clicks_lib.simulate_clicks(p > 0, g, np.random.default_rng((seed, step, first_row + i)), mode="train")
             for i, (p, g) in enumerate(zip(logits, gt))]

@@ -64,9 +64,10 @@ class SamStage(Stage):
         super().__init__(config)
         c = config.sam
         if c.click_rounds < 0 or c.mask_rounds < 0:
-            raise ValueError(f"config.sam.click_rounds and mask_rounds must be >= 0, got {c.click_rounds}, {c.mask_rounds}")
+            raise ValueError(f"config.sam.click_rounds and mask_rounds must be >= 0, got {c.click_rounds}, "
+                             f"{c.mask_rounds}")
         self.click_rounds, self.mask_rounds = int(c.click_rounds), int(c.mask_rounds)
-        self.box_prob, self.box_noise, self.box_noise_max = float(c.box_prob), float(c.box_noise), float(c.box_noise_max)
+        self.box_prob, self.box_noise, self.box_noise_max = float(c.box_prob), float(c.box_noise), c.box_noise_max
         self.weights = (float(c.focal_weight), float(c.dice_weight), float(c.iou_weight))
         self.num_points = int(config.num_points)
 
@@ -114,7 +115,8 @@ class SamStage(Stage):
         boxes = prompts.noisy_boxes(k_noise, batch["box"], size, std=self.box_noise, max_px=self.box_noise_max)
         rows, cols, found = prompts.draw_pixels(k_point, targets > 0.5)
         n = 1 + self.click_rounds
-        coords = jnp.zeros((b, n, 2), jnp.float32).at[:, 0].set(prompts.cell_centres(rows[:, 0], cols[:, 0], (size, size), size))
+        first = prompts.cell_centres(rows[:, 0], cols[:, 0], (size, size), size)
+        coords = jnp.zeros((b, n, 2), jnp.float32).at[:, 0].set(first)
         labels = jnp.full((b, n), prompts.EMPTY, jnp.int32).at[:, 0].set(
             jnp.where(use_box | ~found, prompts.EMPTY, prompts.FOREGROUND))
         corners, corner_labels = prompts.box_slots(boxes, use_box)

@@ -11,7 +11,8 @@ Fields (override any with ``--config.<field>=value``):
   init_from             a converted SAM / HQ-SAM / Pi-SAM model directory, or a training workdir (stage 2: the
                         stage-1 one); empty only when ``allow_random_init`` (SAM from scratch, tiny recipes)
   model.*               ModelConfig fields: model_type plus any size override (tiny recipes); with init_from,
-                        the encoder sizes come from the checkpoint and must agree with these
+                        the encoder sizes come from the checkpoint and must agree with these; pi_rgb_embedding,
+                        pi_deformable, pi_high_res: Pi-SAM's ablations (False removes the module)
   data.*                datasets (names or groups, D8: paper-train), data_root, augmentation, reader threads/workers,
                         synthetic (generate that many synthetic images under data_root when the data is absent;
                         synthetic_size their long side, synthetic_detail their structure widths, see data.synthetic)
@@ -53,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.model_type = "vit_b"
+    # Pi-SAM's ablations (paper Table 5; pisam_jax.models.ModelConfig): each False removes one module
+    c.model.pi_rgb_embedding = True
+    c.model.pi_deformable = True
+    c.model.pi_high_res = True
 
     c.data = ml_collections.ConfigDict()
     c.data.datasets = "paper-train"

@@ -38,6 +38,11 @@ PARAMS_DIR = "params"
 FORMAT_VERSION = 1
 
 
+# ModelConfig fields that shape only the mask decoder (a training stage may choose them; the rest must match the
+# SAM it starts from).
+DECODER_FIELDS = ("decoder", "interactor", "pi_rgb_embedding", "pi_deformable", "pi_high_res")
+
+
 class ModelError(ValueError):
     """A model directory or configuration that cannot be used; the message says what to do."""
 

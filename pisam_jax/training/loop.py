@@ -218,7 +218,9 @@ def initial_model(config: ml_collections.ConfigDict, stage: Stage) -> tuple[mode
     fields = {f.name: getattr(sc, f.name) for f in dataclasses.fields(ModelConfig)}
     fields.update(provenance={}, **decoder)
     for k, v in overrides.items():
-        if fields.get(k) != v:
+        if k in models.DECODER_FIELDS:  # the stage's own decoder: its variants are chosen here
+            fields[k] = v
+        elif fields.get(k) != v:
             raise UsageError(f"config.model.{k}={v} disagrees with init_from's {k}={fields.get(k)} ({src_path})")
     if stage.interactor and sc.decoder != "pi":
         raise UsageError(

@@ -77,7 +77,9 @@ def _gelu_tanh(mp):
     from pisam_jax.modeling import common
 
     def tanh_gelu(x):
-        return jax.nn.gelu(x, approximate=True)  # noqa: F821 (common's globals)
+        import jax  # (the code runs with common's globals: bind jax here)
+
+        return jax.nn.gelu(x, approximate=True)
 
     mp.setattr(common.gelu, "__code__", tanh_gelu.__code__)
 
@@ -214,7 +216,8 @@ MUTATIONS = [
              (f"{PI}::test_head_matches_the_reference",)),
     Mutation("ln2d_eps_interactor", "LayerNorm2d eps 1e-6 -> 1e-5 in the interactor", _ln2d_eps_in("interactor"),
              ("tests/test_interactor.py::test_padding_changes_nothing",)),
-    Mutation("gelu_tanh", "tanh-approximate GELU", _gelu_tanh, ("tests/test_image_encoder.py::test_block_matches_torch",)),
+    Mutation("gelu_tanh", "tanh-approximate GELU", _gelu_tanh,
+             ("tests/test_image_encoder.py::test_block_matches_torch",)),
     Mutation("dcn_sigmoid", "DCN modulation sigmoid instead of 2 * sigmoid", _dcn_sigmoid,
              ("tests/test_deform_conv.py::test_module_matches_reference",)),
     Mutation("dcn_corner_trunc", "deformable-conv bilinear corner by truncation instead of floor", _dcn_corner_trunc,
@@ -229,7 +232,8 @@ MUTATIONS = [
     Mutation("fg_bg_swapped", "foreground/background click flags swapped", _fg_bg_swapped,
              ("tests/test_interactor.py::test_padding_changes_nothing",)),
     Mutation("attn_scale_two_way", "attention scale 1/d instead of 1/sqrt(d) (two-way transformer)",
-             _attention_scale_in("transformer"), ("tests/test_transformer.py::test_attention_key_mask_equals_dropping_keys",)),
+             _attention_scale_in("transformer"),
+             ("tests/test_transformer.py::test_attention_key_mask_equals_dropping_keys",)),
     Mutation("attn_scale_vit", "attention scale 1/d instead of 1/sqrt(d) (ViT)", _attention_scale_vit,
              ("tests/test_image_encoder.py::test_attention_matches_torch",)),
     Mutation("attn_scale_interactor", "attention scale 1/d instead of 1/sqrt(d) (interactor)",

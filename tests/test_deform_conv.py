@@ -5,6 +5,10 @@ own fp32 error, measured by running it in float64 (tests/parity.py). An output o
 terms of both signs (up to Cin*kh*kw for the forward, B*Ho*Wo for the weight gradient, differences of neighbouring
 pixels for the offset gradient), so its fp32 error follows the large terms, not the entry: the float64 run measures
 exactly that, for every output and gradient alike. Every test prints its errors (``-s``).
+
+Measured (AMD EPYC; AVX-512, AVX2, SSE4.2 alike), from exact: forward up to 8.4e-6 (torchvision 8.7e-6), gradients
+up to 7.0e-5 (7.0e-5); ours / torchvision at most 1.99 (the offset and mask gradients at sampling points on cell
+borders).
 """
 
 from __future__ import annotations
@@ -91,8 +95,9 @@ def test_op_matches_torchvision(case):
         if cotangent is None:
             cotangent = rng.standard_normal(out.shape).astype(np.float32)
         out.backward(torch.from_numpy(cotangent).to(out.dtype))
-        runs.append((nchw_to_nhwc(out), [nchw_to_nhwc(t_x.grad), nchw_to_nhwc(t_offset.grad), oihw_to_hwio(t_weight.grad),
-                                         t_bias.grad.numpy(), nchw_to_nhwc(t_mask.grad) if use_mask else None]))
+        grads = [nchw_to_nhwc(t_x.grad), nchw_to_nhwc(t_offset.grad), oihw_to_hwio(t_weight.grad), t_bias.grad.numpy(),
+                 nchw_to_nhwc(t_mask.grad) if use_mask else None]
+        runs.append((nchw_to_nhwc(out), grads))
     (ref, ref_grads), (exact, exact_grads) = runs
 
     def f(x, offset, mask, weight, bias):

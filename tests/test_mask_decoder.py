@@ -1,5 +1,9 @@
 """Parity of SAM's mask decoder (and prompt encoder -> decoder) with segment_anything's (random weights, fp32), judged
-against the reference's own fp32 error (a float64 copy gives the exact values; tests/parity.py)."""
+against the reference's own fp32 error (a float64 copy gives the exact values; tests/parity.py).
+
+Measured (AMD EPYC; AVX-512, AVX2, SSE4.2 alike), from exact: masks ours up to 4.1e-7, the reference 3.6e-7 (ratios
+<= 1.34).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +23,11 @@ from pisam_jax.modeling.transformer import TwoWayTransformer
 from tests.parity import assert_as_accurate, float64, reference_in_float64
 from tests.sam_reference import expose_layer_norm_2d_eps_
 
-IOU_ROUNDINGS = 16  # the IoU scores (a few values) end in a 256-term dot product: ~sqrt(256) roundings
+# The IoU scores are a handful of values (one per mask): too few for the reference's error on them to be a scale.
+# They come out of the whole decoder and a 256-term dot product that cancels (|IoU| ~ 0.05 from terms up to ~1), so
+# their error scale is ~1e-6 of the terms, not of the result: 64 roundings (4e-6) of max|IoU|. Measured: up to 58 U
+# for one score (ours under XLA's SSE4.2 path), 10-30 U typically, ours and the reference alike.
+IOU_ROUNDINGS = 64
 
 
 def _perturb_layernorms(module):

@@ -1,9 +1,10 @@
 """Parity of the prompt encoder with segment_anything's PromptEncoder (random weights, fp32), judged against the
 reference's own fp32 error (a float64 copy gives the exact values; tests/parity.py).
 
-The sparse embeddings are sin/cos of 2 pi (2c - 1) . G with 128 Gaussian frequencies: arguments up to ~60, where
-an fp32 ulp is 4e-6, so the encodings themselves carry errors of a few 1e-6 on every CPU (issue 19); the float64
-reference measures exactly that.
+The sparse embeddings are sin/cos of 2 pi (2c - 1) . G with 128 Gaussian frequencies: arguments up to ~60, where an
+fp32 ulp is 4e-6, so the encodings themselves carry errors of a few 1e-6 on every CPU (issue 19); the float64
+reference measures exactly that. Measured (AMD EPYC; AVX-512, AVX2, SSE4.2 alike), from exact: ours and the
+reference both up to 2.5e-6 (ratios 1.00-1.07).
 """
 
 import jax
@@ -62,7 +63,8 @@ def _run_all(built, points, boxes, masks):
     j = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
     jp = None if points is None else (j(points[0]), j(points[1]))
     jm = None if masks is None else jnp.asarray(masks.transpose(0, 2, 3, 1))
-    return _jitted(ours)(jp, j(boxes), jm), _reference(ref, points, boxes, masks), _reference(ref64, points, boxes, masks)
+    ours_out = _jitted(ours)(jp, j(boxes), jm)
+    return ours_out, _reference(ref, points, boxes, masks), _reference(ref64, points, boxes, masks)
 
 
 def _check(name, outputs, factor=FACTOR):
@@ -147,7 +149,8 @@ def test_non_square_small():
 
     Here the coordinates are divided by 80 and 48, which XLA computes as a product with the rounded reciprocal (up
     to 1 ulp, where torch's division rounds once, 0.5 ulp); sin/cos amplify that by 2 pi |2 G| (~30), so our
-    encodings are up to ~3x farther from exact than the reference's (MEASURED): the bound is 2 * FACTOR.
+    encodings are up to ~3x farther from exact than the reference's (measured on AMD EPYC, all ISA paths: 2.3e-6
+    vs 7.6e-7 for the sparse embeddings, ratio 3.07; 2.5e-6 vs 1.9e-6 for the dense PE): the bound is 2 * FACTOR.
     """
     built = _build(32, (12, 20), (48, 80), 16, seed=1)
     rng = np.random.default_rng(4)

@@ -1,5 +1,9 @@
 """SAM end to end: official-format checkpoint -> convert.sam -> load_model -> Predictor, against SamPredictor, judged
-against the reference's own fp32 error (a float64 copy of the reference gives the exact values; tests/parity.py)."""
+against the reference's own fp32 error (a float64 copy of the reference gives the exact values; tests/parity.py).
+
+Measured (AMD EPYC; AVX-512, AVX2, SSE4.2 alike), from exact: logits ours up to 1.0e-6, the reference 1.1e-6 (ratios
+<= 1.26).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,11 @@ from pisam_jax.predictor import Predictor, PromptError
 from tests.parity import assert_as_accurate, assert_same_masks, float64, logit_band, reference_in_float64
 from tests.sam_reference import TINY, build_torch_sam, expose_layer_norm_2d_eps_, save_official
 
-IOU_ROUNDINGS = 16  # the IoU scores (a few values) end in a 256-term dot product: ~sqrt(256) roundings
+# The IoU scores are a handful of values (one per mask): too few for the reference's error on them to be a scale.
+# They come out of the whole decoder and a 256-term dot product that cancels (|IoU| ~ 0.05 from terms up to ~1), so
+# their error scale is ~1e-6 of the terms, not of the result: 64 roundings (4e-6) of max|IoU|. Measured: up to 58 U
+# for one score (ours under XLA's SSE4.2 path), 10-30 U typically, ours and the reference alike.
+IOU_ROUNDINGS = 64
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +70,8 @@ def _reference_boxes(references, boxes, multimask):
     for r in references:
         with torch.no_grad(), reference_in_float64():
             t = r.transform.apply_boxes_torch(torch.from_numpy(boxes), r.original_size)
-            runs.append([o.numpy() for o in r.predict_torch(None, None, t, multimask_output=multimask, return_logits=True)])
+            out = r.predict_torch(None, None, t, multimask_output=multimask, return_logits=True)
+            runs.append([o.numpy() for o in out])
     return list(zip(*runs))
 
 

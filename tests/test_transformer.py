@@ -50,7 +50,11 @@ def test_module_tree_mirrors_torch(sam_size):
 
 @pytest.mark.parametrize("pe_batch", [1, 2])
 def test_two_way_transformer_sam_size(sam_size, pe_batch):
-    """64x64 image, 2 prompts of 7 tokens; the image PE either per row or broadcast from one row."""
+    """64x64 image, 2 prompts of 7 tokens; the image PE either per row or broadcast from one row.
+
+    Measured (AMD EPYC; AVX-512, AVX2, SSE4.2 alike), from exact: ours up to 2.9e-6, the reference 3.0e-6 (|values|
+    up to 9; ratios <= 1.08).
+    """
     ref, ref64, ours = sam_size
     rng = np.random.default_rng(pe_batch)
     b, n, c, h, w = 2, 7, 256, 64, 64
@@ -91,10 +95,13 @@ def test_attention_key_mask_equals_dropping_keys():
             return [r(*(torch.from_numpy(np.ascontiguousarray(a)).to(dt) for a in (q, k, v))).numpy()
                     for r, dt in ((ref, torch.float32), (ref64, torch.float64))]
 
+    # Measured (AMD EPYC; AVX-512, AVX2, SSE4.2 alike), from exact: ours up to 1.3e-7, the reference 1.1e-7 (ratios
+    # <= 1.28).
     out = _apply(ours, jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(key_mask))
     for i, kept in enumerate(keep):
         rows = slice(i, i + 1)
-        assert_as_accurate(f"attention.key_mask[{i}]", out[rows], *reference(q[rows], k[rows][:, kept], v[rows][:, kept]))
+        expected = reference(q[rows], k[rows][:, kept], v[rows][:, kept])
+        assert_as_accurate(f"attention.key_mask[{i}]", out[rows], *expected)
 
     # No mask and an all-False mask are the reference's unmasked attention.
     expected = reference(q, k, v)

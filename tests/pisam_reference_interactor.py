@@ -174,7 +174,7 @@ class PointInteract(nn.Module):
         flags (B, P) long, kv_mask (B, 1+P) bool (True = padded) or None -> E' (B, C, H, W)."""
         feat = point_sample(up_embeddings, points)
         flag = self.points_flag(flags.long())
-        pe = self.pe_layer._pe_encoding(points.float())
+        pe = self.pe_layer._pe_encoding(points.to(up_embeddings.dtype))
         tokens = self.token_embed(torch.cat([feat, flag, pe], dim=-1))
         tokens = torch.cat([hyper_in, tokens], dim=1)
         b, c, h, w = up_embeddings.shape

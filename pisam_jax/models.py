@@ -244,21 +244,25 @@ class Sam(nnx.Module):
         features: ImageFeatures,
         base: PiBase,
         clicks: tuple[jax.Array, jax.Array] | None = None,
+        *,
+        for_gradient: bool = False,
     ) -> jax.Array:
         """The 1024^2 logits (B*P, 1, S, S) of ``base``: the interactor (with clicks) then the HR head.
 
         clicks: (points (B*P, N, 2) as (x, y) normalised to [0, 1] with pixel centres, i.e.
         ((x_px + 0.5) / S, (y_px + 0.5) / S) in the S x S input frame; labels (B*P, N): 1 foreground,
-        0 background, -1 padding). The cheap step: re-run it alone for every new click set.
+        0 background, -1 padding). The cheap step: re-run it alone for every new click set. ``for_gradient``:
+        the training losses differentiate it (the HR head then runs in one band, ``MaskDecoderPi.head``).
         """
         self._require_pi()
         rgb = features.rgb
         if rgb is not None:
             rgb = jnp.repeat(rgb, base.hyper_in.shape[0] // rgb.shape[0], axis=0)  # one row per prompt
+        banded = not for_gradient
         if clicks is None:
-            return self.mask_decoder.refine(base, rgb)
+            return self.mask_decoder.refine(base, rgb, banded=banded)
         points, labels = clicks
-        return self.mask_decoder.refine(base, rgb, points, jnp.maximum(labels, 0), labels < 0)
+        return self.mask_decoder.refine(base, rgb, points, jnp.maximum(labels, 0), labels < 0, banded=banded)
 
     def decode_pi(
         self,

@@ -239,17 +239,19 @@ class MaskDecoderPi(MaskDecoderHQ):
 
     # -- per click set ---------------------------------------------------------------------
 
-    def head(self, embedding: jax.Array, rgb: jax.Array | None) -> jax.Array:
+    def head(self, embedding: jax.Array, rgb: jax.Array | None, *, banded: bool = True) -> jax.Array:
         """Step F: E (B, 256, 256, 32) and the RGB embedding (B or 1, 1024, 1024, 8) or None (the ablation without
         it) -> logits (B, 1, 1024, 1024).
 
-        On CPU in bands of ``HEAD_BAND_ROWS`` output rows (elsewhere one band). The two 3x3 convs need two more
-        rows each side, so a band upscales one more row of E each side (4 output rows) and zeroes the rows that
-        fall outside the image before each conv, as its zero padding would.
+        On CPU in bands of ``HEAD_BAND_ROWS`` output rows (elsewhere, or with ``banded=False``, one band). The two
+        3x3 convs need two more rows each side, so a band upscales one more row of E each side (4 output rows) and
+        zeroes the rows that fall outside the image before each conv, as its zero padding would. Bands speed up the
+        forward pass; differentiated, they are about 10x slower than one band on XLA:CPU, so training asks for one.
         """
         b, h, w, _ = embedding.shape
         height = 4 * h
-        band = HEAD_BAND_ROWS if jax.default_backend() == "cpu" and height % HEAD_BAND_ROWS == 0 else height
+        cpu = jax.default_backend() == "cpu"
+        band = HEAD_BAND_ROWS if banded and cpu and height % HEAD_BAND_ROWS == 0 else height
         ln1, conv1, ln2, _, conv2 = self.out_act
         padded = jnp.pad(embedding, ((0, 0), (1, 1), (0, 0), (0, 0)))
 
@@ -290,11 +292,14 @@ class MaskDecoderPi(MaskDecoderHQ):
         points: jax.Array | None = None,
         flags: jax.Array | None = None,
         pad_mask: jax.Array | None = None,
+        *,
+        banded: bool = True,
     ) -> jax.Array:
         """The interactor (when ``points`` is given) then the HR head: -> 1024^2 logits (B, 1, 1024, 1024).
 
         points (B, P, 2): clicks as (x, y) normalised with pixel centres (D3); flags (B, P): 1 foreground,
-        0 background; pad_mask (B, P): True for padded slots (masked everywhere, D5) or None.
+        0 background; pad_mask (B, P): True for padded slots (masked everywhere, D5) or None. ``banded``: see
+        :meth:`head` (False when differentiated).
         The interactor always starts from the box's E, never from a previous refinement (spec 6).
         """
         if not self.high_res:  # the ablation: SAM-style upsampling of the 256^2 mask
@@ -307,7 +312,7 @@ class MaskDecoderPi(MaskDecoderHQ):
             if flags is None:
                 raise ValueError("points need flags (1 = foreground, 0 = background)")
             embedding = self.interact_2(embedding, base.hyper_in, points, flags, pad_mask)
-        return self.head(embedding, rgb)
+        return self.head(embedding, rgb, banded=banded)
 
     # -- forward ---------------------------------------------------------------------------
 

@@ -60,7 +60,7 @@ class Stage1(PiStage):
     def loss(self, model, batch, key):
         features = pi_features(model, batch)
         base = model.pi_base(features, batch["box"][:, None])
-        high = model.pi_refine(features, base)
+        high = model.pi_refine(features, base, for_gradient=True)
         return losses.stage1_loss(key, base.low_res, high, targets_of(batch), weights=batch["has_object"],
                                   num_points=self.config.num_points)
 
@@ -121,7 +121,7 @@ class Stage2(PiStage):
     def loss(self, model, batch, key):
         features = ImageFeatures(None, (), batch["rgb"])
         base = PiBase(batch["embedding"], batch["hyper_in"], batch["low_res"])
-        high = model.pi_refine(features, base, (batch["points"], batch["labels"]))
+        high = model.pi_refine(features, base, (batch["points"], batch["labels"]), for_gradient=True)
         weights = batch["valid"].astype(jnp.float32) * batch["has_object"].astype(jnp.float32)
         total, terms = losses.stage2_loss(key, high, targets_of(batch), weights, num_points=self.config.num_points)
         return total, dict(terms, valid_fraction=batch["valid"].astype(jnp.float32).mean())

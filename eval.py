@@ -19,6 +19,17 @@ re-exported under the same name stops the run with an error instead of reusing s
 predictions. --out is a new or empty folder, or one an earlier evaluation wrote. Prints the
 Markdown tables. User errors (missing model or dataset folder, unknown dataset, corrupt image,
 bad flag, --out not a folder of ours) print one line and exit with status 2.
+
+--protocol noc runs the interactive-segmentation field's protocol instead (``evaluation.noc``):
+
+    python eval.py --protocol noc --model checkpoints/sam_vit_h,checkpoints/hq_sam_vit_h,checkpoints/pisam_vit_h \
+        --data_root data --datasets interactive,hqseg-val --out results/noc [--max_clicks 20] [--starts box,clicks]
+
+clicks placed one at a time by RITM's clicker, up to --max_clicks; Pi-SAM refines the GT box's mask, SAM and
+HQ-SAM answer from the box (start ``box``) and from clicks alone (``clicks``). Writes ``noc.md|csv|json``
+(NoC@85/90/95, NoF, seconds per click), ``noc_iou.csv`` (mean IoU after 0..20 clicks), ``noc.png`` (the curves,
+one panel per dataset), ``galleries/noc_<model>_<start>_<dataset>.png`` (the clicks on the hardest images), and
+its records under ``noc/`` (an interrupted run resumes per model, start and image).
 """
 
 from __future__ import annotations
@@ -31,8 +42,12 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_list("model", None, "model directories (comma-separated); each is named by its base name")
 flags.DEFINE_string("data_root", None, "data root holding the datasets in their folder layouts")
-flags.DEFINE_list("datasets", ["dis-test"], "dataset names or groups (DIS5K-VD, DIS5K-TE1, ..., dis-test, paper-test)")
+flags.DEFINE_list("datasets", ["dis-test"], "dataset names or groups (DIS5K-VD, DIS5K-TE1, ..., dis-test, paper-test; "
+                  "for --protocol noc also GrabCut, Berkeley, DAVIS, interactive, hqseg-val)")
 flags.DEFINE_string("out", None, "output directory")
+flags.DEFINE_enum("protocol", "box", ["box", "noc"],
+                  "box: the paper's box-prompt tables (and its click protocol with --clicks); noc: the interactive "
+                  "field's iterative clicks (NoC@85/90/95, NoF, mean IoU after 1..20 clicks)")
 flags.DEFINE_enum("geometry", "stretch", ["stretch", "longest_side"],
                   "stretch: 1024x1024 as the paper's evaluation; longest_side: SAM's resize + pad")
 flags.DEFINE_bool("hq_token_only", False, "HQ-SAM models: score the HQ token's mask alone (HQ-SAM train.py "
@@ -44,6 +59,10 @@ flags.DEFINE_integer("modes_clicks", None, "clicks for the FG/BG/ALL comparison 
 flags.DEFINE_integer("subset", 200, "click protocol: number of worst images with overlapping errors")
 flags.DEFINE_string("rank_by", "mean", "click subset ranking: mean | min of the models' IoU, or a model name")
 flags.DEFINE_integer("seed", 0, "seed of the simulated clicks")
+flags.DEFINE_integer("max_clicks", 20, "--protocol noc: clicks per image (NoC counts this when never reached)")
+flags.DEFINE_list("noc_thresholds", ["0.85", "0.90", "0.95"], "--protocol noc: IoU thresholds of NoC and NoF")
+flags.DEFINE_list("starts", ["box", "clicks"], "--protocol noc: box (every model: the GT box, then clicks) and/or "
+                  "clicks (SAM and HQ-SAM: clicks alone, the first at the object's centre)")
 flags.DEFINE_integer("gallery", 8, "worst cases per model and dataset in the overlay gallery (0: none)")
 flags.DEFINE_bool("skip_bad", False, "leave corrupt or unpaired samples out (counted) instead of stopping")
 flags.DEFINE_bool("progress", True, "show progress bars")
@@ -53,7 +72,7 @@ class UsageError(ValueError):
     pass
 
 
-RESERVED_NAMES = ("clicks", "galleries")  # folders of the results beside the models'
+RESERVED_NAMES = ("clicks", "galleries", "noc")  # folders of the results beside the models'
 
 
 def check_out(out: Path) -> None:
@@ -80,6 +99,47 @@ def _ints(values, flag):
         raise UsageError(f"--{flag} takes comma-separated integers, got {','.join(values)}") from None
 
 
+def _floats(values, flag):
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise UsageError(f"--{flag} takes comma-separated numbers, got {','.join(values)}") from None
+
+
+def check_noc_flags() -> tuple[list[str], list[float]]:
+    """The --protocol noc flags: the starts and thresholds; the box protocol's click flags are refused."""
+    from pisam_jax.evaluation import noc
+
+    for flag in ("clicks", "click_modes", "modes_clicks", "subset", "rank_by"):
+        if FLAGS[flag].present:
+            raise UsageError(f"--{flag} belongs to the paper's click protocol (--protocol box); with --protocol noc "
+                             "use --max_clicks, --noc_thresholds and --starts")
+    if FLAGS.max_clicks < 1:
+        raise UsageError(f"--max_clicks must be positive, got {FLAGS.max_clicks}")
+    starts = [s.lower() for s in FLAGS.starts]
+    if unknown := [s for s in starts if s not in noc.STARTS]:
+        raise UsageError(f"--starts: unknown {unknown}; use {', '.join(noc.STARTS)}")
+    thresholds = _floats(FLAGS.noc_thresholds, "noc_thresholds")
+    if not thresholds or not all(0 < t <= 1 for t in thresholds):
+        raise UsageError(f"--noc_thresholds are IoUs in (0, 1], e.g. 0.85,0.90,0.95; got {thresholds}")
+    return starts, thresholds
+
+
+def run_noc(segs, datasets, out: Path, starts, thresholds) -> None:
+    from pisam_jax.evaluation import noc, reports
+
+    res = noc.evaluate_noc(segs, datasets, out, starts=starts, max_clicks=FLAGS.max_clicks, thresholds=thresholds,
+                           skip_bad=FLAGS.skip_bad, show_progress=FLAGS.progress)
+    written = noc.write_reports(res, out, datasets, gallery=FLAGS.gallery)
+    for table in written["tables"]:
+        print(reports.to_markdown(table))
+    if res.skipped:
+        print(f"skipped {len(res.skipped)} bad image(s), first: {res.skipped[0][0]}/{res.skipped[0][1]}: "
+              f"{res.skipped[0][2]}")
+    print(f"NoC protocol: {res.computed} run(s) computed, the others read back from {out / 'noc'}; "
+          f"tables {out / 'noc.md'}, curves {out / 'noc.png'}")
+
+
 def run() -> None:
     from pisam_jax.data.datasets import open_dataset, resolve_names
     from pisam_jax.evaluation import interactive, loop, reports
@@ -98,6 +158,10 @@ def run() -> None:
     check_out(Path(FLAGS.out))
     if not Path(FLAGS.data_root).is_dir():
         raise UsageError(f"--data_root {FLAGS.data_root}: folder not found")
+    if FLAGS.protocol == "noc":
+        starts, thresholds = check_noc_flags()
+    elif noc_flags := [f for f in ("max_clicks", "noc_thresholds", "starts") if FLAGS[f].present]:
+        raise UsageError(f"--{noc_flags[0]} belongs to --protocol noc; add it, or leave the flag out")
     clicks = _ints(FLAGS.clicks, "clicks")
     if any(k < 1 for k in clicks):
         raise UsageError(f"--clicks must be positive, got {clicks}")
@@ -112,6 +176,8 @@ def run() -> None:
     for seg, m in zip(segs, FLAGS.model):
         print(f"model {seg.name}: {m}, parameters sha256 {loop.params_fingerprint(seg.model)[:16]}", flush=True)
     out = Path(FLAGS.out)
+    if FLAGS.protocol == "noc":
+        return run_noc(segs, datasets, out, starts, thresholds)
 
     results: dict = {}
     galleries = []

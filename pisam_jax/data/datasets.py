@@ -7,6 +7,14 @@ its mask are each reported with the file name. By default the first problem rais
 ``DatasetError``; with ``skip_bad=True`` bad samples are left out and counted
 (``Dataset.skipped``). ``check="header"`` (default) reads only the file headers;
 ``check="full"`` decodes every file (finds truncated files too, slower).
+
+Besides the paper's sets, the interactive-segmentation benchmarks in the layouts they are published in
+(RITM's and HQ-SAM's readers): GrabCut (``GrabCut/data_GT`` images, ``GrabCut/boundary_GT`` masks whose
+value 128 marks an unlabelled band), Berkeley (``Berkeley/images``, ``Berkeley/masks``, read as GrabCut),
+DAVIS, the 345-image set (``DAVIS/img``, ``DAVIS/gt``; every non-zero value of any channel is the object),
+and HQSeg-44K's validation sets (group ``hqseg-val``: DIS5K-VD and, under ``thin_object_detection/``,
+COIFT, HRSOD and ThinObject5K's test split). How a dataset's masks mark the object is its ``MaskLabels``;
+``read_labels`` applies it (the click protocols score with it, ``eval.py --protocol noc``).
 """
 
 from __future__ import annotations
@@ -29,6 +37,25 @@ class DatasetError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class MaskLabels:
+    """How a dataset's mask files mark the object.
+
+    The object is ``value > foreground_above``; pixels of value ``ignore`` (when set) are neither object nor
+    background (left out of the scores and never clicked); the rest is background. ``channels``: "first"
+    reads the first channel (``images.read_mask``), "max" the largest of the colour channels.
+    """
+
+    foreground_above: int = images.FOREGROUND_THRESHOLD
+    ignore: int | None = None
+    channels: str = "first"
+
+
+DEFAULT_LABELS = MaskLabels()
+GRABCUT_LABELS = MaskLabels(ignore=128)  # RITM's GrabCut/Berkeley reader: 128 is the unlabelled band
+DAVIS_LABELS = MaskLabels(foreground_above=0, channels="max")  # RITM's DAVIS reader: any non-zero value
+
+
+@dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     """Where a named dataset lives, relative to the data root."""
 
@@ -37,10 +64,11 @@ class DatasetSpec:
     gt_dir: str
     split: str  # "train" | "test" | "val"
     image_ext: str = ".jpg"  # the extension that marks images when images and masks share a folder
+    labels: MaskLabels = DEFAULT_LABELS
 
 
-def _spec(name, image_dir, gt_dir, split, image_ext=".jpg"):
-    return name, DatasetSpec(name, image_dir, gt_dir, split, image_ext)
+def _spec(name, image_dir, gt_dir, split, image_ext=".jpg", labels=DEFAULT_LABELS):
+    return name, DatasetSpec(name, image_dir, gt_dir, split, image_ext, labels)
 
 
 DATASETS: dict[str, DatasetSpec] = dict([
@@ -66,6 +94,15 @@ DATASETS: dict[str, DatasetSpec] = dict([
     _spec("DAVIS-S", "DAVIS-S/images", "DAVIS-S/masks", "test"),
     _spec("HRS10K", "HRS10K/img_test", "HRS10K/label_test", "test"),
     _spec("HRS10K-HD", "HRS10K/img_test_2560max", "HRS10K/label_test_2560max", "test"),
+    # The interactive benchmarks, in RITM's layouts (its GrabCutDataset, BerkeleyDataset, DavisDataset).
+    _spec("GrabCut", "GrabCut/data_GT", "GrabCut/boundary_GT", "test", labels=GRABCUT_LABELS),
+    _spec("Berkeley", "Berkeley/images", "Berkeley/masks", "test", labels=GRABCUT_LABELS),
+    _spec("DAVIS", "DAVIS/img", "DAVIS/gt", "test", labels=DAVIS_LABELS),
+    # HQSeg-44K's validation sets beside DIS5K-VD, in HQ-SAM's layout (its train.py valid set).
+    _spec("HQSeg-COIFT", "thin_object_detection/COIFT/images", "thin_object_detection/COIFT/masks", "val"),
+    _spec("HQSeg-HRSOD", "thin_object_detection/HRSOD/images", "thin_object_detection/HRSOD/masks_max255", "val"),
+    _spec("HQSeg-ThinObject5K-TE", "thin_object_detection/ThinObject5K/images_test",
+          "thin_object_detection/ThinObject5K/masks_test", "val"),
 ])
 ALIASES = {"ThinObject5k-TR": "ThinObject5K-TR", "ThinObject5k-TE": "ThinObject5K-TE",
            "BIG_test": "BIG-test", "BIG_val": "BIG-val", "DAVIDS": "DAVIS-S", "HRS10K_HD": "HRS10K-HD"}
@@ -81,6 +118,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
                    "ThinObject5K-TE", "HRSOD-TE", "UHRSD-TE"),
     "dis-test": ("DIS5K-VD", "DIS5K-TE1", "DIS5K-TE2", "DIS5K-TE3", "DIS5K-TE4"),
     "big": ("BIG-test", "BIG-val"),
+    # the interactive-segmentation field's benchmarks (RITM, FocalClick, SimpleClick, SegNext)
+    "interactive": ("GrabCut", "Berkeley", "DAVIS"),
+    "hqseg-val": ("DIS5K-VD", "HQSeg-COIFT", "HQSeg-HRSOD", "HQSeg-ThinObject5K-TE"),
 }
 
 
@@ -103,6 +143,7 @@ class Dataset:
     name: str
     samples: list[Sample]
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, reason)
+    labels: MaskLabels = DEFAULT_LABELS
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -143,11 +184,13 @@ def _list(folder: str, exts: Sequence[str]) -> dict[str, str]:
 
 
 def open_folder(image_dir: str, gt_dir: str, *, name: str | None = None, image_ext: str = ".jpg",
-                skip_bad: bool = False, check: str = "header", progress: bool = False) -> Dataset:
+                skip_bad: bool = False, check: str = "header", progress: bool = False,
+                labels: MaskLabels = DEFAULT_LABELS) -> Dataset:
     """Pair and validate the images in ``image_dir`` with the masks in ``gt_dir`` by basename.
 
     When both are the same folder, files ending in ``image_ext`` are images and ``.png``
-    files are masks. See the module docstring for ``skip_bad`` and ``check``.
+    files are masks. See the module docstring for ``skip_bad`` and ``check``; ``labels``: how
+    the masks mark the object.
     """
     if check not in ("header", "full"):
         raise ValueError(f"check must be 'header' or 'full', not {check!r}")
@@ -197,7 +240,20 @@ def open_folder(image_dir: str, gt_dir: str, *, name: str | None = None, image_e
     if problems:
         log.warning("dataset %s: skipped %d bad sample file(s), kept %d; first: %s: %s",
                     name, len(problems), len(samples), *problems[0])
-    return Dataset(name, samples, problems)
+    return Dataset(name, samples, problems, labels)
+
+
+def read_labels(path: str | os.PathLike, labels: MaskLabels = DEFAULT_LABELS) -> tuple:
+    """A mask file as (object (H, W) bool, ignored pixels (H, W) bool or None), by the dataset's ``labels``."""
+    if labels.channels == "max":
+        values = images.read_image(path).max(axis=2)
+    elif labels.channels == "first":
+        values = images.read_mask(path)
+    else:
+        raise ValueError(f"MaskLabels.channels must be 'first' or 'max', not {labels.channels!r}")
+    ignore = None if labels.ignore is None else values == labels.ignore
+    fg = values > labels.foreground_above
+    return (fg, None) if ignore is None else (fg & ~ignore, ignore)
 
 
 def _reason(e: Exception) -> str:
@@ -220,7 +276,7 @@ def open_dataset(name: str, data_root: str, *, skip_bad: bool = False, check: st
     spec = DATASETS[name]
     return open_folder(os.path.join(data_root, spec.image_dir), os.path.join(data_root, spec.gt_dir),
                        name=name, image_ext=spec.image_ext, skip_bad=skip_bad, check=check,
-                       progress=progress)
+                       progress=progress, labels=spec.labels)
 
 
 def open_datasets(names: str | Iterable[str], data_root: str, **kw) -> list[Dataset]:

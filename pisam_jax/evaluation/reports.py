@@ -6,7 +6,9 @@ and dataset):
 * ``{model: {dataset: {metric: value}}}`` for Tables 1 (DIS5K), 3 (HRSOD/UHRSD), 4 (BIG);
 * ``{model: {n_clicks: {metric: value}}}`` for Table 2, ``n_clicks`` 0 being the initial
   ("Ori") prediction;
-* ``{model: {mode: {metric: value}}}`` for Table 7, mode in ``Ori``/``ALL``/``BG``/``FG``.
+* ``{model: {mode: {metric: value}}}`` for Table 7, mode in ``Ori``/``ALL``/``BG``/``FG``;
+* ``{model: {start: {dataset: {"NoC@90": .., "NoF@90": .., "mIoU": [..]}}}}`` for the interactive
+  field's NoC tables (``noc_table``, ``noc_iou_table``, ``plot_noc``, ``noc_gallery``; ``evaluation.noc``).
 
 A table builder returns a ``Table``; ``write_table`` writes ``<stem>.md``, ``<stem>.csv``
 (the same cells, numbers at full precision) and ``<stem>.json`` (the results it was
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from pisam_jax import outputs
+from pisam_jax.evaluation.clicker import threshold_label
 from pisam_jax.evaluation.metrics import (BIG_METRICS, CLICK_METRICS, DIS_METRICS, LOWER_IS_BETTER,
                                           SOD_METRICS)
 
@@ -108,10 +111,17 @@ def _improved(metric: str, before: float | None, after: float | None) -> bool:
 
 
 def format_value(metric: str, value: float | None) -> str:
-    """3 decimals; HCE (a count of control points) as an integer; ``-`` when missing."""
+    """3 decimals; counts (HCE, NoF@t, num_*) as integers, NoC@t with 2 decimals (as the field prints it),
+    seconds (s_*) with 3 significant digits; ``-`` when missing."""
     if value is None:
         return "-"
-    return f"{value:.0f}" if metric == "hce" else f"{value:.3f}"
+    if metric == "hce" or metric.startswith(("NoF@", "num_")):
+        return f"{value:.0f}"
+    if metric.startswith("NoC@"):
+        return f"{value:.2f}"
+    if metric.startswith("s_"):
+        return f"{value:.3g}"
+    return f"{value:.3f}"
 
 
 def _models(results: Mapping, models: Sequence[str] | None) -> list[str]:
@@ -221,6 +231,84 @@ def click_modes_table(results: Mapping, models: Sequence[str] | None = None,
         for i, k in enumerate(metrics):
             vals = [_value(results, m, mode, k) for mode in modes]
             t.rows.append(Row([m, k], [m if i == 0 else "", METRIC_LABELS.get(k, k)], k, vals, _best_mask(k, vals)))
+    return t
+
+
+START_LABELS = {"box": "box + clicks", "clicks": "clicks only"}
+
+
+def _lowest(values: Sequence[float | None]) -> list[bool]:
+    """Bold marks for the lowest values of a column; none when all are equal (nothing to point at)."""
+    present = [v for v in values if v is not None]
+    if len(present) < 2 or min(present) == max(present):
+        return [False] * len(values)
+    return [v is not None and v == min(present) for v in values]
+
+
+def _noc_rows(summary: Mapping) -> list[tuple[str, str]]:
+    return [(m, st) for m, per in summary.items() for st in per]
+
+
+def noc_table(summary: Mapping, thresholds: Sequence[float], datasets: Sequence[str],
+              timing: Mapping | None = None, max_clicks: int = 20) -> Table:
+    """The interactive field's table: rows (model, start), per dataset NoC@t then NoF@t for each threshold,
+    then the seconds per click when ``timing`` is given; the lowest of a column in bold.
+
+    ``summary``: {model: {start: {dataset: {"NoC@90": .., "NoF@90": .., ...}}}} (``noc.evaluate_noc``).
+    """
+    labels = [threshold_label(t) for t in thresholds]
+    metrics = [f"NoC@{t}" for t in labels] + [f"NoF@{t}" for t in labels]
+    cols = [f"{d}/{k}" for d in datasets for k in metrics]
+    col_labels = [f"{DATASET_LABELS.get(d, d)} {k}" for d in datasets for k in metrics]
+    col_metrics = [k for _ in datasets for k in metrics]
+    keys = _noc_rows(summary)
+    values = [[_value(summary, m, st, d, k) for d in datasets for k in metrics] for m, st in keys]
+    if timing is not None:
+        cols, col_labels, col_metrics = cols + ["s_per_click"], col_labels + ["s / click"], col_metrics + ["s_per_click"]
+        for (m, st), v in zip(keys, values):
+            v.append(_value(timing, m, st, "s_per_click"))
+    t = Table(f"Clicks to reach an IoU: NoC@t the mean number ({max_clicks} when never reached), NoF@t the images "
+              f"that never reach it in {max_clicks} clicks", ["model", "start"], cols, col_labels,
+              column_metrics=col_metrics)
+    bold = [_lowest([v[j] for v in values]) for j in range(len(cols))]
+    for i, ((m, st), v) in enumerate(zip(keys, values)):
+        t.rows.append(Row([m, st], [m, START_LABELS.get(st, st)], "", v, [b[i] for b in bold]))
+    return t
+
+
+NOC_BRIEF_CLICKS = (0, 1, 2, 3, 5, 10, 15, 20)
+
+
+def _value_at(seq, k):
+    return None if seq is None or k >= len(seq) or seq[k] is None else float(seq[k])
+
+
+def noc_iou_table(summary: Mapping, datasets: Sequence[str], max_clicks: int, brief: bool = False) -> Table:
+    """Mean IoU after k clicks: rows (dataset, model, start), columns k = 0..max_clicks (``brief``: a few k);
+    k = 0 is the box's mask (none for the clicks-only start). The highest of a dataset's column in bold."""
+    clicks = [k for k in (NOC_BRIEF_CLICKS if brief else range(max_clicks + 1)) if k <= max_clicks]
+    t = Table("Mean IoU after k clicks (0: the box alone)", ["dataset", "model", "start"], [str(k) for k in clicks],
+              [str(k) for k in clicks])
+    for d in datasets:
+        keys = [(m, st) for m, st in _noc_rows(summary) if d in summary[m][st]]
+        values = [[_value_at(summary[m][st][d].get("mIoU"), k) for k in clicks] for m, st in keys]
+        bold = [_best_mask("iou", [v[j] for v in values]) for j in range(len(clicks))]
+        for i, ((m, st), v) in enumerate(zip(keys, values)):
+            t.rows.append(Row([d, m, st], [DATASET_LABELS.get(d, d) if i == 0 else "", m, START_LABELS.get(st, st)],
+                              "iou", v, [b[i] for b in bold]))
+    return t
+
+
+def noc_timing_table(timing: Mapping) -> Table:
+    """Seconds per model and start (medians): the encoder per image, the model's answer per click, the clicker
+    per click; and how many clicks were measured."""
+    cols = ["s_encoder", "s_per_click", "s_clicker", "num_clicks"]
+    t = Table("Seconds (medians): encoder per image, model answer per click (never the encoder), clicker per click",
+              ["model", "start"], cols, ["encoder s / image", "model s / click", "clicker s / click", "clicks"],
+              column_metrics=cols)
+    for m, st in _noc_rows(timing):
+        v = [_value(timing, m, st, k) for k in cols[:3]] + [_value(timing, m, st, "clicks")]
+        t.rows.append(Row([m, st], [m, START_LABELS.get(st, st)], "", v, [False] * 4))
     return t
 
 
@@ -341,7 +429,61 @@ def plot_clicks(results: Mapping, path: str | os.PathLike, metrics: Sequence[str
     return _save_figure(fig, path)
 
 
+def plot_noc(summary: Mapping, path: str | os.PathLike, thresholds: Sequence[float] = (),
+             title: str = "Mean IoU versus number of clicks", dpi: int = 100) -> Path:
+    """One panel per dataset: mean IoU after k clicks (0: the box alone), one line per model and start, the
+    NoC thresholds dotted. ``summary`` as ``noc_table``'s (its ``mIoU`` lists)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    datasets = list(dict.fromkeys(d for per in summary.values() for runs in per.values() for d in runs))
+    ncols = min(len(datasets), 3)
+    nrows = math.ceil(len(datasets) / ncols)
+    fig = Figure(figsize=(4.8 * ncols, 3.6 * nrows), dpi=dpi, layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    colours = {m: f"C{i}" for i, m in enumerate(summary)}  # one colour a model, one line style a start
+    for ax, d in zip(axes, datasets):
+        for m, st in _noc_rows(summary):
+            res = summary[m][st].get(d)
+            pts = [(k, v) for k, v in enumerate(res["mIoU"] if res else []) if v is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", markersize=3, label=f"{m} ({START_LABELS.get(st, st)})",
+                        color=colours[m], linestyle="-" if st == "box" else "--")
+        for t in thresholds:
+            ax.axhline(t, color="grey", linestyle=":", linewidth=1)
+        n = next(iter(summary[m][st][d]["num_images"] for m, st in _noc_rows(summary) if d in summary[m][st]), 0)
+        ax.set_title(f"{DATASET_LABELS.get(d, d)} ({n} images)")
+        ax.set_xlabel("clicks")
+        ax.set_ylabel("mean IoU")
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in axes[len(datasets):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(title)
+    return _save_figure(fig, path)
+
+
 # ----------------------------------------------------------------------------- gallery
+
+
+def thumbnail_size(h: int, w: int, tile: int) -> tuple[int, int]:
+    """(height, width) of a gallery panel for an h x w image: ``tile`` high, at most ``2 * tile`` wide."""
+    return (tile, max(1, round(w * tile / h))) if w <= 2 * h else (max(1, round(h * 2 * tile / w)), 2 * tile)
+
+
+def thumbnail(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An image (H, W, 3) uint8 or a mask (H, W) bool shrunk to ``size`` (h, w) by area averaging."""
+    import cv2
+
+    array = np.asarray(array)
+    if array.dtype == np.bool_:
+        small = cv2.resize(array.astype(np.uint8) * 255, size[::-1], interpolation=cv2.INTER_AREA)
+        return small > 127
+    return cv2.resize(array, size[::-1], interpolation=cv2.INTER_AREA)
 
 
 def _load_rgb(path) -> np.ndarray:
@@ -404,6 +546,56 @@ def worst_cases_gallery(cases: Sequence[tuple], path: str | os.PathLike, *, tile
             x0 = gap + j * (cell_w + gap) + (cell_w - p.width) // 2
             canvas.paste(p, (x0, y + caption_h + (tile - p.height) // 2))
         y += tile + caption_h + gap
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def noc_gallery(rows: Sequence[Mapping], path: str | os.PathLike, *, tile: int = 160) -> Path:
+    """A grid PNG of the clicks placed on images, one row per image: the ground truth with every click numbered,
+    then the mask after each kept step with the clicks so far (green positive, red negative) and its IoU.
+
+    ``rows``: dicts with ``caption``; ``image`` (h, w, 3) uint8 thumbnail; ``gt`` (h, w) bool; ``clicks``
+    [(x, y, positive), ...] in its pixels, in click order; ``steps`` [(k, mask (h, w) bool, IoU), ...] after k
+    clicks. Panels are ``tile`` high.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    from pisam_jax.overlay import draw_overlay
+
+    if not rows:
+        raise ValueError("noc_gallery needs at least one row")
+    font = ImageFont.load_default(size=max(10, tile // 14))
+    caption_h, gap = max(14, tile // 14) + 8, 4
+    drawn = []
+    for row in rows:
+        image, clicks = row["image"], list(row["clicks"])
+        first = draw_overlay(image, row["gt"],
+                             points=np.array([c[:2] for c in clicks]).reshape(-1, 2),
+                             labels=np.array([int(c[2]) for c in clicks]))
+        draw = ImageDraw.Draw(first)
+        for i, (x, y, _) in enumerate(clicks):
+            draw.text((x + 5, y - 5), str(i + 1), fill=(255, 255, 0), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+        panels = [(first, "ground truth, all clicks")]
+        for k, mask, value in row["steps"]:
+            shown = np.array([c[:2] for c in clicks[:k]]).reshape(-1, 2)
+            panel = draw_overlay(image, mask, points=shown, labels=np.array([int(c[2]) for c in clicks[:k]]))
+            iou_text = "-" if value is None or np.isnan(value) else f"{value:.3f}"
+            panels.append((panel, f"{k} click{'s' if k != 1 else ''}: IoU {iou_text}"))
+        drawn.append((row["caption"], panels))
+    cell_w = max(p.width for _, ps in drawn for p, _ in ps)
+    ncols = max(len(ps) for _, ps in drawn)
+    canvas = Image.new("RGB", (ncols * (cell_w + gap) + gap, len(drawn) * (tile + 2 * caption_h + gap)),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for caption, panels in drawn:
+        draw.text((gap + 2, y + 2), caption, fill=(0, 0, 0), font=font)
+        for j, (p, label) in enumerate(panels):
+            x0 = gap + j * (cell_w + gap)
+            draw.text((x0 + 2, y + caption_h + 2), label, fill=(0, 0, 0), font=font)
+            canvas.paste(p, (x0 + (cell_w - p.width) // 2, y + 2 * caption_h + (tile - p.height) // 2))
+        y += tile + 2 * caption_h + gap
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())

@@ -53,11 +53,12 @@ GEOMETRIES = ("stretch", "longest_side")
 @dataclasses.dataclass
 class BoxOutput:
     """A prediction: ``logits`` (H, W) float32 at the original resolution (mask = logits > 0), the
-    predictor's low-res logits (1, 256, 256) for re-prompting, and the box in the predictor's frame."""
+    predictor's low-res logits (1, 256, 256) for re-prompting, and the box in the predictor's frame (None for
+    clicks alone)."""
 
     logits: np.ndarray
     low_res: np.ndarray
-    box: np.ndarray
+    box: np.ndarray | None
 
     @property
     def mask(self) -> np.ndarray:
@@ -156,19 +157,36 @@ class BoxSegmenter:
         labels = np.asarray(labels, np.int32).reshape(-1)
         if len(labels) == 0:
             return initial.logits
-        coords = self.frame_points(points)
         if self.is_pi:
-            return self._pi_refine(coords, labels)
-        kw = dict(multimask_output=False, return_logits=True)
+            return self._pi_refine(self.frame_points(points), labels)
+        return self.predict_points(points, labels, box=initial.box, mask_input=initial.low_res).logits
+
+    def predict_points(self, points: np.ndarray, labels: np.ndarray, *, box: np.ndarray | None = None,
+                       mask_input: np.ndarray | None = None) -> BoxOutput:
+        """SAM / HQ-SAM: one prompt of clicks ``points`` (N, 2) normalised (x, y), ``labels`` (N,) 1 / 0, with a box
+        (predictor frame) and a previous answer's low-res logits (1, 256, 256) where given.
+
+        Clicks alone without previous logits are ambiguous: the model then gives its three masks and the best
+        scored is kept (SAM's single-point evaluation); otherwise one mask, as for the box.
+        """
+        ambiguous = box is None and mask_input is None
+        kw = dict(multimask_output=ambiguous, return_logits=True)
         if self.decoder == "hq":
             kw["hq_token_only"] = self.hq_token_only
-        masks, _, _ = self.predictor.predict(point_coords=coords, point_labels=labels, box=initial.box,
-                                             mask_input=initial.low_res, **kw)
-        return self._to_original(masks)
+        masks, scores, low_res = self.predictor.predict(point_coords=self.frame_points(points),
+                                                        point_labels=np.asarray(labels, np.int32).reshape(-1),
+                                                        box=box, mask_input=mask_input, **kw)
+        best = int(np.argmax(scores)) if ambiguous else 0
+        return BoxOutput(self._to_original(masks[best:best + 1]), np.asarray(low_res)[best:best + 1], box)
 
     def _pi_refine(self, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Pi-SAM: every click in one pass through the interactor, from the last box's cached features."""
-        clicks = [(float(x), float(y), bool(lab)) for (x, y), lab in zip(coords, labels)]
+        """Pi-SAM: every click in one pass through the interactor, from the last box's cached features.
+
+        A click on the first row or column of an image larger than the frame lands in (-0.5, 0) in frame pixels
+        (inside the frame's first pixel, left of its centre), which ``Predictor.refine`` refuses as outside; it
+        is moved to that pixel's centre (less than half a frame pixel).
+        """
+        clicks = [(max(float(x), 0.0), max(float(y), 0.0), bool(lab)) for (x, y), lab in zip(coords, labels)]
         return self._to_original(self.predictor.refine(clicks, return_logits=True))
 
     # ------------------------------------------------------------------ geometry

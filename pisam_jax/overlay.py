@@ -21,7 +21,7 @@ BOX = (255, 215, 0)
 TRUE_POSITIVE = (86, 180, 233)  # sky blue: in the prediction and the ground truth
 FALSE_POSITIVE = (213, 94, 0)  # vermillion: predicted, not in the ground truth
 FALSE_NEGATIVE = (240, 228, 66)  # Okabe-Ito yellow: in the ground truth, missed
-BACKDROP = 0.35  # the comparison's backdrop: the image in grey at 35% brightness (L* <= 66)
+BACKDROP = 0.35  # the comparison's backdrop: the image in grey at 35% brightness (L* <= 38)
 
 
 def mark_scale(shape: tuple[int, ...]) -> int:

@@ -85,6 +85,7 @@ class Handler(BaseHTTPRequestHandler):
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         route = routes.get(url.path)
         try:
+            self.body = self._read_body(url.path) if self.command == "POST" else b""  # all of it: keep-alive
             if route is None:
                 raise DemoError(f"no such page: {self.command} {url.path}", 404)
             route()
@@ -126,9 +127,8 @@ class Handler(BaseHTTPRequestHandler):
         self._session_action(lambda s: None)
 
     def _upload(self):
-        name = Path(unquote(self.headers.get("X-Filename") or "upload")).name or "upload"
-        body = self._body(self.server.max_upload_bytes, f"{name} is too large to upload")
-        self._session_action(lambda s: s.open_image(decode_upload(body, name, s.max_pixels), name))
+        name = self._filename()
+        self._session_action(lambda s: s.open_image(decode_upload(self.body, name, s.max_pixels), name))
 
     def _open_path(self):
         if not self.server.allow_paths:
@@ -182,11 +182,17 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- bodies and answers -------------------------------------------------------------------------------------
 
-    def _body(self, limit: int, too_large: str) -> bytes:
+    def _filename(self) -> str:
+        return Path(unquote(self.headers.get("X-Filename") or "upload")).name or "upload"
+
+    def _read_body(self, path: str) -> bytes:
+        """The request's body, read whole (the next request on the connection starts after it)."""
+        limit, too_large = ((self.server.max_upload_bytes, f"{self._filename()} is too large to upload")
+                            if path == "/api/image" else (MAX_JSON_BYTES, "the request"))
         try:
-            length = int(self.headers.get("Content-Length", ""))
+            length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
-            raise DemoError("the request has no Content-Length", 411) from None
+            raise DemoError("the request's Content-Length is not a number", 400) from None
         if length > limit:
             left = length
             while left > 0:  # read and dropped, so that the client hears the answer
@@ -199,9 +205,8 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length)
 
     def _json(self) -> dict:
-        body = self._body(MAX_JSON_BYTES, "the request")
         try:
-            value = json.loads(body or b"{}")
+            value = json.loads(self.body or b"{}")
         except ValueError:
             raise DemoError("the request's body is not JSON") from None
         if not isinstance(value, dict):

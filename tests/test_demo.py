@@ -206,7 +206,7 @@ def test_bad_input_answers_one_line_and_the_server_goes_on(demo, tmp_path):
     assert r["status"] == 400 and r["error"].startswith("notes.txt is not an image the demo can read")
     big = np.zeros((1100, 1000, 3), np.uint8)  # 1.1 megapixels; this server takes 1
     r = c.upload(big, "big.png")
-    assert r["status"] == 413 and "1000x1100 (1.1 megapixels)" in r["error"] and "at most 1 megapixels" in r["error"]
+    assert r["status"] == 413 and r["error"].startswith("big.png is 1000x1100 (1.1 megapixels); the demo takes at most 1")
     r = c.call("image", raw=b"x" * (2**20 + 1), headers={"X-Filename": "huge.jpg"})
     assert r["status"] == 413 and "huge.jpg is too large" in r["error"]
     r = c.call("open", {"path": str(tmp_path / "missing.png")})
@@ -349,6 +349,10 @@ def test_in_the_browser_upload_box_two_clicks_undo(demo, browser, tmp_path):
     upload(tmp_path / "notes.txt")  # a bad file: a message in the page, nothing else changes
     message = browser.find_element(By.ID, "message")
     assert "notes.txt is not an image" in message.text and message.get_attribute("class") == "error"
+    (tmp_path / "huge.png").write_bytes(png(np.zeros((1100, 1000, 3), np.uint8)))  # this server takes 1 MP
+    upload(tmp_path / "huge.png")
+    assert message.text.startswith("huge.png is 1000x1100 (1.1 megapixels); the demo takes at most 1 megapixels")
+    assert browser.execute_script("return window.demo.state") is None  # nothing opened yet
     upload(tmp_path / "photo.png")
     assert browser.execute_script("return window.demo.state.image.width") == 256
     layer = browser.find_element(By.ID, "prompt-layer")
@@ -392,3 +396,10 @@ def test_in_the_browser_upload_box_two_clicks_undo(demo, browser, tmp_path):
     shots = Path(os.environ.get("PISAM_DEMO_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(shots / f"demo_{engine.decoder}.png"))
+    # another image: its own size, no prompts, an empty mask
+    (tmp_path / "second.png").write_bytes(png(picture(5, (120, 160))))
+    upload(tmp_path / "second.png")
+    state = browser.execute_script("return window.demo.state")
+    assert state["image"]["name"] == "second.png" and state["image"]["version"] == 2
+    assert state["box"] is None and state["clicks"] == [] and not mask_of(state).any()
+    assert (layer.size["width"], layer.size["height"]) == (160, 120)

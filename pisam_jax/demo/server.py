@@ -242,12 +242,12 @@ def read_path(path: str, max_pixels: int) -> np.ndarray:
     if not os.path.isfile(path):
         raise DemoError(f"{path}: file not found on the server")
     try:
-        check_size(images.read_size(path), max_pixels)
+        check_size(images.read_size(path), max_pixels, Path(path).name)
         image = images.read_image(path)
     except images.ImageReadError:
         raise DemoError(f"{Path(path).name} is not an image the demo can read (corrupt, or not an image file); "
                         "open a PNG, JPEG, TIFF, BMP or WebP image") from None
-    check_size(image.shape[:2], max_pixels)
+    check_size(image.shape[:2], max_pixels, Path(path).name)
     return image
 
 

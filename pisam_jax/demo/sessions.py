@@ -248,7 +248,7 @@ class Session:
 
     def open_image(self, image: np.ndarray, name: str) -> None:
         """Encodes ``image`` (H, W, 3) uint8 and forgets the last image's prompts."""
-        check_size(image.shape[:2], self.max_pixels)
+        check_size(image.shape[:2], self.max_pixels, name)
         done: list[Latency] = []
         with self.engine.timed("open image", done):
             encoded = self.engine.encode(image)
@@ -331,24 +331,29 @@ class Session:
         h, w = self.image.shape[:2]
         out.update(image={"width": w, "height": h, "name": self.name, "version": self.version},
                    box=self.prompts.box, clicks=[[x, y, fg] for x, y, fg in self.prompts.clicks],
-                   mask_png=base64.b64encode(mask_png(self.mask)).decode("ascii"),
+                   mask_png=base64.b64encode(mask_png(self.mask, fast=True)).decode("ascii"),
                    mask_pixels=int(self.mask.sum()))
         if self.latency is not None:
             out["latency"] = dataclasses.asdict(self.latency)
         return out
 
 
-def check_size(size: tuple[int, int], max_pixels: int) -> None:
+def check_size(size: tuple[int, int], max_pixels: int, name: str = "the image") -> None:
     h, w = size
     if h * w > max_pixels:
-        raise DemoError(f"the image is {w}x{h} ({h * w / 1e6:.1f} megapixels); the demo takes at most "
+        raise DemoError(f"{name} is {w}x{h} ({h * w / 1e6:.1f} megapixels); the demo takes at most "
                         f"{max_pixels / 1e6:g} megapixels (demo.py --max-megapixels): downscale it first", 413)
 
 
-def mask_png(mask: np.ndarray) -> bytes:
-    """(H, W) bool -> an 8-bit 0/255 PNG, as predict.py and eval.py write masks."""
+def mask_png(mask: np.ndarray, fast: bool = False) -> bytes:
+    """(H, W) bool -> an 8-bit 0/255 PNG, as predict.py and eval.py write masks; ``fast``: a 1-bit PNG, lightly
+    compressed, for the page (a quarter of the time: 6 ms instead of 22-30 for 1280x960; 0/255 when read)."""
     buf = io.BytesIO()
-    Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255).save(buf, format="PNG")
+    mask = np.asarray(mask, bool)
+    if fast:
+        Image.fromarray(mask).save(buf, format="PNG", compress_level=1)
+    else:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -108,7 +108,8 @@ def main(argv=None):
         browser, model, compiling = np.array(pairs).T
         emit(model=engine.name, decoder=engine.decoder, model_type=c.model_type, action=action, n=len(pairs),
              browser_ms_median=round(float(np.median(browser)), 1), browser_ms_max=round(float(browser.max()), 1),
-             server_ms_median=round(float(np.median(model)), 1), compile_ms_max=round(float(compiling.max()), 1))
+             server_ms_median=round(float(np.median(model)), 1), compile_ms_max=round(float(compiling.max()), 1),
+             browser_ms=[round(float(v)) for v in browser], compile_ms=[round(float(v)) for v in compiling])
 
 
 if __name__ == "__main__":

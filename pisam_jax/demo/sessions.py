@@ -209,17 +209,19 @@ class Engine:
         steps = [Prompts(box)] + [Prompts(box, tuple((w // 2 + i, h // 2, True) for i in range(n)))
                                   for n in range(1, clicks + 1)]
         done: list[Latency] = []
-        self.status = "compiling the encoder"
-        with self.timed("warm-up encoder", done):
-            encoded = self.encode(image)
-        report(f"{self.status}: {done[-1].ms / 1000:.1f} s")
-        base = None
-        for i, prompts in enumerate(steps):
-            self.status = "compiling the box prompt" if i == 0 else f"compiling clicks: {i} of {len(steps) - 1}"
-            with self.timed(self.status, done):
-                _, base = self.segment(encoded, prompts, base)
+        try:
+            self.status = "compiling the encoder"
+            with self.timed("warm-up encoder", done):
+                encoded = self.encode(image)
             report(f"{self.status}: {done[-1].ms / 1000:.1f} s")
-        self.status = "ready"
+            base = None
+            for i, prompts in enumerate(steps):
+                self.status = "compiling the box prompt" if i == 0 else f"compiling clicks: {i} of {len(steps) - 1}"
+                with self.timed(self.status, done):
+                    _, base = self.segment(encoded, prompts, base)
+                report(f"{self.status}: {done[-1].ms / 1000:.1f} s")
+        finally:  # the page waits for "ready": a failed warm-up leaves compiling to first use
+            self.status = "ready"
 
 
 class Session:

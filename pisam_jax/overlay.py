@@ -25,7 +25,8 @@ BACKDROP = 0.35  # the comparison's backdrop: the image in grey at 35% brightnes
 
 
 def mark_scale(shape: tuple[int, ...]) -> int:
-    """Line width in pixels for marks on an image of this (H, W, ...) shape: 2 up to 640 px, one more per 256 px above."""
+    """Line width in pixels for marks on an image of this (H, W, ...) shape: 2 up to 640 px, then about one more
+    per 256 px."""
     return max(2, round(max(shape[:2]) / 256))
 
 

@@ -95,7 +95,7 @@ class Handler(BaseHTTPRequestHandler):
             log.error("%s %s failed:\n%s", self.command, url.path, traceback.format_exc())
             self._send_json({"error": f"the demo failed ({type(e).__name__}: {e}); see the server's log"}, 500)
 
-    def log_message(self, format, *args):  # noqa: A002 (the base class's name); requests are not logged
+    def log_message(self, format, *args):  # requests are not logged
         pass
 
     # -- pages --------------------------------------------------------------------------------------------------

@@ -190,7 +190,9 @@ def run() -> None:
                 print(f"{seg.name} {ds.name}: skipped {len(r.skipped)} bad image(s), first: {r.skipped[0][1]}")
             if FLAGS.gallery > 0:
                 path = out / "galleries" / f"{seg.name}_{ds.name}.png"
-                galleries.append(reports.worst_cases_gallery(loop.worst_cases(r, ds, FLAGS.gallery), path))
+                cases = loop.worst_cases(r, ds, FLAGS.gallery)
+                title = f"{seg.name} on {ds.name}: the {len(cases)} lowest IoU of {r.results['num_images']} images"
+                galleries.append(reports.worst_cases_gallery(cases, path, title=title))
 
     tables = []
     dis = [d.name for d in datasets if d.name.startswith("DIS5K")]
@@ -219,8 +221,8 @@ def run() -> None:
             tables.append(("click_modes_table", reports.click_modes_table(cr.table7, modes=("Ori", *[
                 m for m in reports.CLICK_MODES if m in modes])), cr.table7))
         reports.plot_clicks(cr.table2, out / "clicks.png", metrics=("iou",) + reports.CLICK_METRICS,
-                            title=f"Metrics versus number of clicks (mean over the {len(cr.subset)} images of the "
-                                  "click subset)")
+                            title="Metrics versus number of clicks (the click subset)", num_images=len(cr.subset),
+                            datasets=[d.name for d in datasets])
         print(f"click protocol on {len(cr.subset)} images ({out / 'clicks' / 'subset.json'}); plot: {out / 'clicks.png'}")
 
     for stem, table, res in tables:

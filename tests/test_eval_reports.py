@@ -104,32 +104,57 @@ def test_csv_json_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_plot_clicks(tmp_path):
-    path = plot_clicks(CLICKS, tmp_path / "clicks.png", metrics=("max_f", "mae"), dpi=50)
+def test_plot_clicks(tmp_path, monkeypatch):
+    from pisam_jax.evaluation import reports
+
+    figures = []
+    save = reports._save_figure
+    monkeypatch.setattr(reports, "_save_figure", lambda fig, path: figures.append(fig) or save(fig, path))
+    path = plot_clicks(CLICKS, tmp_path / "clicks.png", metrics=("max_f", "mae"), dpi=50, num_images=20,
+                       datasets=["DIS5K-VD"])
     with Image.open(path) as im:
         assert im.size == (int(4.2 * 2 * 50), int(3.4 * 50))  # 2 panels in one row
+    # the caption says what a point averages and which models the lines are
+    assert figures[0]._suptitle.get_text().endswith("mean over 20 images of DIS5K-VD; models: SAM, Pi")
 
 
 def test_gallery(tmp_path):
+    """Panels: image with the box (the GT's tight box) and the clicks | prediction | TP / FP / FN colours."""
+    from pisam_jax import overlay
+
     rng = np.random.default_rng(0)
     cases = []
     for i, (h, w) in enumerate([(60, 90), (80, 60)]):
         img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
         gt = np.zeros((h, w), np.uint8)
         gt[10:40, 10:40] = 255
-        pred = np.roll(gt, 5, axis=1)
+        pred = np.roll(gt, 5, axis=1)  # columns 10-14 missed, 15-39 right, 40-44 extra
         for n, a in (("im", img), ("gt", gt), ("pr", pred)):
             Image.fromarray(a).save(tmp_path / f"{n}{i}.png")
         cases.append((f"c{i}", tmp_path / f"im{i}.png", tmp_path / f"gt{i}.png", tmp_path / f"pr{i}.png", 0.5))
-    path = worst_cases_gallery(cases, tmp_path / "g" / "gallery.png", tile=64)
-    caption_h = max(14, 64 // 16) + 8
-    cell_w = 96  # widest panel: 60x90 scaled to 64 high
+    cases[0] += (np.array([[20, 25, 1]]),)  # a foreground click at x 20, y 25
+    path = worst_cases_gallery(cases, tmp_path / "g" / "gallery.png", tile=64, title="model on set: 2 of 9 images")
+    line_h, cell_w, row_h = max(14, 64 // 16) + 8, 96, 64 + max(14, 64 // 16) + 8 + 4  # widest: 60x90 at 64 high
     with Image.open(path) as im:
-        assert im.size == (3 * cell_w + 16, caption_h + 2 * (64 + caption_h + 4))
         px = np.asarray(im.convert("RGB"))
-    # the GT overlay of the first case is tinted blue inside the square
-    y0 = caption_h + caption_h + round(20 * 64 / 60)
-    x0 = 4 + cell_w + 4 + round(20 * 64 / 60)
-    assert px[y0, x0, 2] > px[y0, x0, 0]
+    top = px.shape[0] - 2 * row_h
+    assert px.shape[1] == 3 * cell_w + 16 and top >= 4 * line_h and top % line_h == 0  # title, legend, columns
+    y0, s = top + line_h, 64 / 60  # the first case's panels: row 0 at y0; image pixels scaled by s
+
+    def panel(j):
+        return px[y0:y0 + 64, 4 + j * (cell_w + 4):4 + j * (cell_w + 4) + cell_w]
+
+    third = panel(2)
+    assert tuple(third[int(25 * s), int(27 * s)]) == overlay.TRUE_POSITIVE
+    assert tuple(third[int(25 * s), int(42.5 * s)]) == overlay.FALSE_POSITIVE
+    assert tuple(third[int(25 * s), int(12 * s)]) == overlay.FALSE_NEGATIVE
+    first = panel(0)
+    assert tuple(first[round(25.5 * s - 0.5), round(20.5 * s - 0.5)]) == overlay.FOREGROUND  # the click
+    assert (first[9:13, 26] == overlay.BOX).all(axis=-1).any()  # the box's top edge, y = 10 * s
+    assert (panel(1) == overlay.OUTLINE).all(axis=-1).any()  # the prediction outlined
+    plain = worst_cases_gallery([c[:5] for c in cases], tmp_path / "plain.png", tile=64)
+    with Image.open(plain) as im:  # no title, no clicks (nor their legend): a shorter header
+        shorter = px.shape[0] - im.size[1]
+        assert im.size[0] == px.shape[1] and shorter >= line_h and shorter % line_h == 0
     with pytest.raises(ValueError):
         worst_cases_gallery([], tmp_path / "x.png")

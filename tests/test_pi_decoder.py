@@ -31,6 +31,7 @@ from convert.keymap import ConversionError, torch_names
 from convert.pisam import RGB_FINGERPRINTS, check_rgb_fingerprints, convert_pisam, seed42_rgb_embed
 from pisam_jax.modeling import pi_decoder
 from pisam_jax.models import ModelConfig, abstract_model, load_model
+from pisam_jax.overlay import BACKGROUND, FOREGROUND
 from tests.parity import (
     assert_as_accurate,
     assert_near,
@@ -648,7 +649,7 @@ def test_predict_cli_with_clicks(setup, tiny_sam, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert np.asarray(Image.open(out)).shape == (300, 400)
     picture = np.asarray(Image.open(overlay))
-    assert tuple(picture[150, 100]) == (0, 200, 0) and tuple(picture[60, 300]) == (220, 30, 30)
+    assert tuple(picture[150, 100]) == FOREGROUND and tuple(picture[60, 300]) == BACKGROUND
     code = predict.main(["--model", str(tiny_sam[2]), *args, "--click", "10", "10", "fg", "--out", str(out)])
     assert code == 2 and "--click needs a Pi-SAM model" in capsys.readouterr().err
     code = predict.main(["--model", str(setup["stage2"]), *args, "--click", "10", "10", "maybe", "--out", str(out)])

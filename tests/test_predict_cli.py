@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import predict
+from pisam_jax.overlay import BACKGROUND, FOREGROUND
 
 
 def _write(path, array, **kwargs):
@@ -49,8 +50,8 @@ def test_writes_mask_and_overlay(tiny_sam, images, tmp_path, capsys, kind):
     picture = np.asarray(Image.open(overlay))
     assert picture.shape == (120, 160, 3)
     assert tuple(picture[20, 80]) == (255, 215, 0), "the box outline is drawn"
-    assert tuple(picture[60, 60]) == (0, 200, 0), "the foreground click is drawn"
-    assert tuple(picture[30, 140]) == (220, 30, 30), "the background click is drawn"
+    assert tuple(picture[60, 60]) == FOREGROUND, "the foreground click is drawn"
+    assert tuple(picture[30, 140]) == BACKGROUND, "the background click is drawn"
     umask = os.umask(0)
     os.umask(umask)
     for path in (out, overlay):  # readable by the team as any file the user writes: the umask decides

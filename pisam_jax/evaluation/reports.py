@@ -398,8 +398,11 @@ def _save_figure(fig, path) -> Path:
 
 def plot_clicks(results: Mapping, path: str | os.PathLike, metrics: Sequence[str] = CLICK_METRICS,
                 models: Sequence[str] | None = None, title: str = "Metrics versus number of clicks",
-                dpi: int = 100) -> Path:
-    """One panel per metric, x = number of clicks (0 = initial prediction), one line per model (PNG)."""
+                dpi: int = 100, *, num_images: int | None = None, datasets: Sequence[str] = ()) -> Path:
+    """One panel per metric, x = number of clicks (0 = initial prediction), one line per model (PNG).
+
+    Under the title, a caption says what a point averages: "mean over N images of DATASETS; models: A, B"
+    (``num_images``, ``datasets``: the click subset's size and where it comes from)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -425,7 +428,9 @@ def plot_clicks(results: Mapping, path: str | os.PathLike, metrics: Sequence[str
     for ax in axes[n:]:
         ax.set_visible(False)
     axes[0].legend()
-    fig.suptitle(title)
+    over = f"mean over {num_images} images" if num_images is not None else "mean over the images"
+    over += f" of {', '.join(datasets)}" if datasets else ""
+    fig.suptitle(f"{title}\n{over}; models: {', '.join(models)}")
     return _save_figure(fig, path)
 
 
@@ -501,51 +506,75 @@ def _load_mask(path) -> np.ndarray:
 
 
 def worst_cases_gallery(cases: Sequence[tuple], path: str | os.PathLike, *, tile: int = 256,
-                        metric: str = "IoU") -> Path:
-    """A grid PNG, one row per case: image | ground truth overlay | prediction overlay.
+                        metric: str = "IoU", title: str | None = None) -> Path:
+    """A grid PNG: the title, a legend, then one row per case: the image with its box and clicks | the
+    prediction (filled and outlined) | the prediction against the ground truth (true positives, false positives
+    and false negatives in three colours, ``overlay.draw_errors``).
 
-    ``cases``: (name, image path, gt path, pred path, score) tuples, in display order.
-    Each panel is scaled to ``tile`` pixels high (at most ``2 * tile`` wide) and centred in
-    a column as wide as the widest panel, so the PNG is ``3 * cell_w + 16`` wide and
-    ``caption_h + len(cases) * (tile + caption_h + 4)`` high (``caption_h = max(14, tile // 16) + 8``).
-    The caption gives the name and score. Masks are read as ``> 128`` and resized to the panel.
+    ``cases``: (name, image path, gt path, pred path, score[, clicks]) tuples, in display order; clicks (N, 3)
+    as x, y, label (1 foreground, 0 background) in image pixels. The box drawn is the tight box of the ground
+    truth (``> 128``), the box the evaluation prompts with. ``title`` says which model, which images and how
+    many (``eval.py`` writes "MODEL on DATASET: the K lowest IoU of N images").
+    Each panel is scaled to ``tile`` pixels high (at most ``2 * tile`` wide) and centred in a column as wide as
+    the widest panel, so the PNG is ``3 * cell_w + 16`` wide and ``(header_lines + 1) * line_h +
+    len(cases) * (tile + line_h + 4)`` high (``line_h = max(14, tile // 16) + 8``; the header: the title, if
+    any, and the legend in as many lines as the width needs; then the column names). Masks are read as ``> 128``.
     """
     import cv2
     from PIL import Image, ImageDraw, ImageFont
 
-    from pisam_jax.overlay import draw_overlay
+    from pisam_jax import overlay
+    from pisam_jax.data.pipeline import tight_box
 
     if not cases:
         raise ValueError("worst_cases_gallery needs at least one case")
     font = ImageFont.load_default(size=max(10, tile // 16))
-    caption_h = max(14, tile // 16) + 8
+    line_h = max(14, tile // 16) + 8
     gap = 4
-    rows = []
-    for name, image_path, gt_path, pred_path, score in cases:
+    rows, with_clicks = [], False
+    for name, image_path, gt_path, pred_path, score, *clicks in cases:
+        clicks = np.asarray(clicks[0] if clicks else np.zeros((0, 3)), np.float32).reshape(-1, 3)
         img = _load_rgb(image_path)
+        gt, pred = _load_mask(gt_path), _load_mask(pred_path)
         h, w = img.shape[:2]
         th, tw = (tile, max(1, round(w * tile / h))) if w <= 2 * h else (max(1, round(h * 2 * tile / w)), 2 * tile)
         small = cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
-        panels = [Image.fromarray(small)]
-        for mpath in (gt_path, pred_path):
-            m = _load_mask(mpath).astype(np.uint8) * 255
-            m = cv2.resize(m, (tw, th), interpolation=cv2.INTER_AREA) > 127
-            panels.append(draw_overlay(small, m))
+        fx, fy = tw / w, th / h
+        box, _ = tight_box(gt.astype(np.uint8) * 255)  # pixel indices: the box spans to the last pixel's far edge
+        box = np.array([box[0] * fx, box[1] * fy, (box[2] + 1) * fx - 1, (box[3] + 1) * fy - 1])
+        first = Image.fromarray(small)
+        points = (clicks[:, :2] + 0.5) * np.array([fx, fy]) - 0.5  # pixel centres to the panel's
+        overlay.draw_prompts(first, box=box, points=points, labels=clicks[:, 2], scale=max(2, tile // 128))
+        with_clicks = with_clicks or len(clicks) > 0
+        small_pred = cv2.resize(pred.astype(np.uint8) * 255, (tw, th), interpolation=cv2.INTER_AREA) > 127
+        panels = [first, overlay.draw_overlay(small, small_pred),
+                  Image.fromarray(overlay.draw_errors(img, gt, pred, size=(th, tw)))]
         rows.append((f"{name}   {metric} = {score:.3f}", panels))
     cell_w = max(p.width for _, ps in rows for p in ps)  # one column width for all rows, panels centred
     width = 3 * cell_w + 4 * gap
-    height = caption_h + len(rows) * (tile + caption_h + gap)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    legend = _legend_lines(_legend_entries(with_clicks), width - 2 * gap, line_h, font)
+    header_lines = bool(title) + len(legend)
+    top = (header_lines + 1) * line_h
+    canvas = Image.new("RGB", (width, top + len(rows) * (tile + line_h + gap)), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    for j, label in enumerate(("image", "ground truth", "prediction")):
-        draw.text((gap + j * (cell_w + gap) + 2, 2), label, fill=(0, 0, 0), font=font)
-    y = caption_h
+    if title:
+        draw.text((gap + 2, 2), title, fill=(0, 0, 0), font=font)
+    for i, line in enumerate(legend):
+        y = (bool(title) + i) * line_h + 2
+        for x, colour, label in line:
+            draw.rectangle([gap + x, y + 2, gap + x + line_h - 10, y + line_h - 8], fill=colour, outline=(0, 0, 0))
+            draw.text((gap + x + line_h - 6, y), label, fill=(0, 0, 0), font=font)
+    columns = ("image, box and clicks" if with_clicks else "image and box", "prediction",
+               "prediction against the ground truth")
+    for j, label in enumerate(columns):
+        draw.text((gap + j * (cell_w + gap) + 2, header_lines * line_h + 2), label, fill=(0, 0, 0), font=font)
+    y = top
     for caption, panels in rows:
         draw.text((gap + 2, y + 2), caption, fill=(0, 0, 0), font=font)
         for j, p in enumerate(panels):
             x0 = gap + j * (cell_w + gap) + (cell_w - p.width) // 2
-            canvas.paste(p, (x0, y + caption_h + (tile - p.height) // 2))
-        y += tile + caption_h + gap
+            canvas.paste(p, (x0, y + line_h + (tile - p.height) // 2))
+        y += tile + line_h + gap
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
@@ -553,7 +582,8 @@ def worst_cases_gallery(cases: Sequence[tuple], path: str | os.PathLike, *, tile
 
 def noc_gallery(rows: Sequence[Mapping], path: str | os.PathLike, *, tile: int = 160) -> Path:
     """A grid PNG of the clicks placed on images, one row per image: the ground truth with every click numbered,
-    then the mask after each kept step with the clicks so far (green positive, red negative) and its IoU.
+    then the mask after each kept step with the clicks so far (overlay.FOREGROUND positive, BACKGROUND negative) and
+    its IoU.
 
     ``rows``: dicts with ``caption``; ``image`` (h, w, 3) uint8 thumbnail; ``gt`` (h, w) bool; ``clicks``
     [(x, y, positive), ...] in its pixels, in click order; ``steps`` [(k, mask (h, w) bool, IoU), ...] after k
@@ -599,3 +629,31 @@ def noc_gallery(rows: Sequence[Mapping], path: str | os.PathLike, *, tile: int =
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _legend_entries(with_clicks: bool) -> list[tuple[tuple[int, int, int], str]]:
+    from pisam_jax import overlay
+
+    entries = [(overlay.TRUE_POSITIVE, "true positive (in both)"),
+               (overlay.FALSE_POSITIVE, "false positive (predicted, not in the ground truth)"),
+               (overlay.FALSE_NEGATIVE, "false negative (in the ground truth, missed)"),
+               (overlay.BOX, "box")]
+    if with_clicks:
+        entries += [(overlay.FOREGROUND, "foreground click"), (overlay.BACKGROUND, "background click")]
+    return entries
+
+
+def _legend_lines(entries, width: int, line_h: int, font) -> list[list[tuple[int, tuple, str]]]:
+    """The legend's swatches laid out in lines no wider than ``width``: per line, (x, colour, label) entries."""
+    from PIL import Image, ImageDraw
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines, x = [[]], 0
+    for colour, label in entries:
+        w = line_h - 6 + int(measure.textlength(label, font=font))
+        if x and x + w > width:
+            lines.append([])
+            x = 0
+        lines[-1].append((x, colour, label))
+        x += w + 14
+    return lines

@@ -10,11 +10,14 @@ by ``builders.SPLIT_OF``), or as ``BUILDER[/CONFIG]:SPLIT`` for any split of a b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
 import os
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any, Iterable
 
 import tensorflow_datasets as tfds
@@ -147,9 +150,17 @@ def prepare(builder_name: str, data_dir: str | None = None, manual_dir: str | No
         return builder
     if not progress:
         tfds.disable_progress_bar()
-    with tempfile.TemporaryDirectory(prefix="pisam_tfds_") as tmp:  # TFDS's download folder: unused, not kept
-        builder.download_and_prepare(download_dir=tmp, download_config=tfds.download.DownloadConfig(
-            manual_dir=manual_dir))
+    new_folders = [d for d in Path(builder.data_dir).parents if not d.exists()]  # TFDS makes them first
+    try:
+        # TFDS's download folder: unused, not kept; TFDS's messages and progress bars: to stderr, with ours
+        with tempfile.TemporaryDirectory(prefix="pisam_tfds_") as tmp, contextlib.redirect_stdout(sys.stderr):
+            builder.download_and_prepare(download_dir=tmp, download_config=tfds.download.DownloadConfig(
+                manual_dir=manual_dir))
+    except BaseException:
+        for d in new_folders:  # deepest first; TFDS has removed its temporary folder inside
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+        raise
     return builder
 
 

@@ -5,7 +5,9 @@
 * train pipeline throughput (images/s of 1024x1024 training samples, decode + flip +
   large-scale jitter + crop/pad + box) on synthetic ``--size`` px JPEGs, with 0 and N
   worker processes, read from the folders and from the same files prepared as a TFDS
-  ArrayRecord dataset (``source``); the same for the eval pipeline (``stretch``, folders);
+  ArrayRecord dataset (``source``), in ``--rounds`` alternating rounds (a busy moment of a
+  shared machine hits both) and their medians (``data_sources``); the eval pipeline
+  (``stretch``, folders);
   ``sample_mib``: host memory of one sample's arrays (float32 image and mask: 16 MiB at 1024^2);
 * size on disk of the images' folders and of the prepared ArrayRecord dataset;
 * click simulation time per sample at 256x256 and 1024x1024 (ours, numpy/scipy), next
@@ -74,6 +76,7 @@ def bench_pipeline(d, source: str, n: int, workers: int, threads: int, kind: str
     _emit(bench="data_pipeline", pipeline=kind, source=source, out_size=1024, src_size=max(d[0].height, d[0].width),
           workers=workers, threads=threads, images=n, images_per_s=round(n / dt, 2),
           sample_mib=round(sample_mib, 2), cpus=os.cpu_count())
+    return n / dt
 
 
 def _click_inputs(size: int, count: int):
@@ -139,6 +142,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=24, help="images timed per pipeline case")
     ap.add_argument("--workers", type=int, default=2, help="N for the worker-process case")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the folders / TFDS comparison")
     ap.add_argument("--size", type=int, default=2048, help="synthetic source long side")
     ap.add_argument("--data", default=None, help="existing folder with im/ and gt/ (else generated)")
     ap.add_argument("--images", type=int, default=16, help="synthetic images generated (without --data)")
@@ -152,9 +156,17 @@ def main(argv=None):
             root = os.path.join(tmp, "synthetic")
             synthetic.generate(root, a.images, size=a.size, seed=0, progress=False)
         sources = open_sources(root, tmp)
-        for kind, source in (("train", "folders"), ("train", "tfds"), ("eval", "folders")):
-            for w in (0, a.workers):
-                bench_pipeline(sources[source], source, a.n, w, a.threads, kind)
+        for w in (0, a.workers):
+            rates = {"folders": [], "tfds": []}
+            for _ in range(a.rounds):
+                for source, r in rates.items():
+                    r.append(bench_pipeline(sources[source], source, a.n, w, a.threads, "train"))
+            med = {s: float(np.median(r)) for s, r in rates.items()}
+            _emit(bench="data_sources", pipeline="train", workers=w, threads=a.threads, rounds=a.rounds,
+                  folders_images_per_s=round(med["folders"], 2), tfds_images_per_s=round(med["tfds"], 2),
+                  tfds_over_folders=round(med["tfds"] / med["folders"], 3))
+        for w in (0, a.workers):
+            bench_pipeline(sources["folders"], "folders", a.n, w, a.threads, "eval")
     for size in (256, 1024):
         bench_clicks(size, a.click_samples)
 

@@ -48,9 +48,9 @@ def open_sources(root: str, tmp: str) -> dict:
     prepare_s = time.perf_counter() - t0
     folder_bytes = _disk_bytes(os.path.join(root, "im")) + _disk_bytes(os.path.join(root, "gt"))
     tfds_bytes = _disk_bytes(os.fspath(builder.data_dir))
-    _emit(bench="data_disk", images=builder.info.splits["train"].num_examples, folder_mib=round(folder_bytes / 2 ** 20, 2),
-          tfds_mib=round(tfds_bytes / 2 ** 20, 2), tfds_over_folder=round(tfds_bytes / folder_bytes, 4),
-          prepare_s=round(prepare_s, 2))
+    _emit(bench="data_disk", images=builder.info.splits["train"].num_examples,
+          folder_mib=round(folder_bytes / 2 ** 20, 2), tfds_mib=round(tfds_bytes / 2 ** 20, 2),
+          tfds_over_folder=round(tfds_bytes / folder_bytes, 4), prepare_s=round(prepare_s, 2))
     return {"folders": open_folder(os.path.join(root, "im"), os.path.join(root, "gt"), name="DIS5K-TR"),
             "tfds": tfds_data.open_dataset("DIS5K-TR", os.path.join(tmp, "tfds"))}
 

@@ -15,10 +15,8 @@ Modules: ``manual`` (finding a dataset's folders in the manual folder, extracted
 ``reader``, ``__main__`` (the command).
 """
 
-from pisam_jax.data.tfds.builders import (INDEX, MANUAL_BUILDERS, SPLIT_OF, ManualBuilder, Synthetic,
-                                          SyntheticConfig)
-from pisam_jax.data.tfds.reader import (TfdsSample, open_dataset, open_datasets, prepare, prepare_datasets,
-                                        resolve_names)
+from pisam_jax.data.tfds.builders import INDEX, MANUAL_BUILDERS, SPLIT_OF, ManualBuilder, Synthetic, SyntheticConfig
+from pisam_jax.data.tfds.reader import TfdsSample, open_dataset, open_datasets, prepare, prepare_datasets, resolve_names
 
 __all__ = [
     "INDEX", "MANUAL_BUILDERS", "SPLIT_OF", "ManualBuilder", "Synthetic", "SyntheticConfig", "TfdsSample",

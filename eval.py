@@ -4,6 +4,8 @@
         --data_root data --datasets DIS5K-VD,DIS5K-TE1,DIS5K-TE2,DIS5K-TE3,DIS5K-TE4 --out results/dis \
         [--geometry stretch] [--clicks 1,2,5 --click_modes ALL,FG,BG --subset 200]
 
+The datasets are read from their folders under --data_root, or with --source=tfds from the TFDS datasets
+prepared in --tfds_data_dir (``python -m pisam_jax.data.tfds prepare``), with the same names and results.
 Writes under --out: the predictions ``<model>/<dataset>/<name>.png`` (0/255, original
 resolution; an interrupted run resumes, skipping images already predicted), per-dataset
 scores ``<model>/<dataset>.json``, the tables (``dis.md|csv|json`` for DIS5K, ``sod.*`` for
@@ -42,6 +44,9 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_list("model", None, "model directories (comma-separated); each is named by its base name")
 flags.DEFINE_string("data_root", None, "data root holding the datasets in their folder layouts")
+flags.DEFINE_enum("source", "folders", ["folders", "tfds"], "folders: under --data_root; tfds: the prepared TFDS "
+                  "datasets in --tfds_data_dir (python -m pisam_jax.data.tfds prepare)")
+flags.DEFINE_string("tfds_data_dir", None, "--source=tfds: the TFDS data dir (default: TFDS's)")
 flags.DEFINE_list("datasets", ["dis-test"], "dataset names or groups (DIS5K-VD, DIS5K-TE1, ..., dis-test, paper-test; "
                   "for --protocol noc also GrabCut, Berkeley, DAVIS, interactive, hqseg-val)")
 flags.DEFINE_string("out", None, "output directory")
@@ -146,7 +151,7 @@ def run() -> None:
     from pisam_jax.evaluation.segmenter import BoxSegmenter, model_name
     from pisam_jax.models import read_config
 
-    for flag in ("model", "data_root", "out"):
+    for flag in ("model", "out") + (("data_root",) if FLAGS.source == "folders" else ()):
         if not getattr(FLAGS, flag):
             raise UsageError(f"--{flag} is required")
     names = [model_name(m) for m in FLAGS.model]
@@ -156,7 +161,7 @@ def run() -> None:
         raise UsageError(f"--model: a model named {reserved[0]} would mix with the {reserved[0]}/ folder of the "
                          "results; rename its directory")
     check_out(Path(FLAGS.out))
-    if not Path(FLAGS.data_root).is_dir():
+    if FLAGS.source == "folders" and not Path(FLAGS.data_root).is_dir():
         raise UsageError(f"--data_root {FLAGS.data_root}: folder not found")
     if FLAGS.protocol == "noc":
         starts, thresholds = check_noc_flags()
@@ -169,7 +174,12 @@ def run() -> None:
     if unknown := [m for m in modes if m not in interactive.MODES]:
         raise UsageError(f"--click_modes: unknown {unknown}; use ALL, FG, BG")
 
-    datasets = [open_dataset(n, FLAGS.data_root, skip_bad=FLAGS.skip_bad) for n in resolve_names(FLAGS.datasets)]
+    if FLAGS.source == "tfds":
+        from pisam_jax.data import tfds as tfds_data
+
+        datasets = tfds_data.open_datasets(FLAGS.datasets, FLAGS.tfds_data_dir)
+    else:
+        datasets = [open_dataset(n, FLAGS.data_root, skip_bad=FLAGS.skip_bad) for n in resolve_names(FLAGS.datasets)]
     for m in FLAGS.model:  # every model directory readable before any is loaded
         read_config(m)
     segs = [BoxSegmenter.load(m, geometry=FLAGS.geometry, hq_token_only=FLAGS.hq_token_only) for m in FLAGS.model]

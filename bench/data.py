@@ -4,8 +4,12 @@
 
 * train pipeline throughput (images/s of 1024x1024 training samples, decode + flip +
   large-scale jitter + crop/pad + box) on synthetic ``--size`` px JPEGs, with 0 and N
-  worker processes; the same for the eval pipeline (``stretch``); ``sample_mib``: host
-  memory of one sample's arrays (float32 image and mask: 16 MiB at 1024^2);
+  worker processes, read from the folders and from the same files prepared as a TFDS
+  ArrayRecord dataset (``source``), in ``--rounds`` alternating rounds (a busy moment of a
+  shared machine hits both) and their medians (``data_sources``); the eval pipeline
+  (``stretch``, folders);
+  ``sample_mib``: host memory of one sample's arrays (float32 image and mask: 16 MiB at 1024^2);
+* size on disk of the images' folders and of the prepared ArrayRecord dataset;
 * click simulation time per sample at 256x256 and 1024x1024 (ours, numpy/scipy), next
   to the reference's method (torch max-pool erosion + cv2.connectedComponents + topk).
 """
@@ -25,11 +29,35 @@ def _emit(**kw):
     print(json.dumps(kw), flush=True)
 
 
-def bench_pipeline(root: str, n: int, workers: int, threads: int, kind: str):
-    from pisam_jax.data import pipeline
+def _disk_bytes(path: str) -> int:
+    """Bytes allocated on disk under ``path`` (as du counts them)."""
+    return sum(os.stat(os.path.join(d, f)).st_blocks * 512 for d, _, fs in os.walk(path) for f in fs)
+
+
+def open_sources(root: str, tmp: str) -> dict:
+    """The images in ``root`` (im/, gt/) as a folder dataset and as a prepared TFDS dataset (dis5k's train
+    split, from a manual folder linking to them); prints their sizes on disk."""
+    from pisam_jax.data import tfds as tfds_data
     from pisam_jax.data.datasets import open_folder
 
-    d = open_folder(os.path.join(root, "im"), os.path.join(root, "gt"), name="synthetic")
+    manual = os.path.join(tmp, "manual")
+    os.makedirs(os.path.join(manual, "DIS5K"))
+    os.symlink(os.path.abspath(root), os.path.join(manual, "DIS5K", "DIS-TR"))
+    t0 = time.perf_counter()
+    builder = tfds_data.prepare("dis5k", os.path.join(tmp, "tfds"), manual, progress=False)
+    prepare_s = time.perf_counter() - t0
+    folder_bytes = _disk_bytes(os.path.join(root, "im")) + _disk_bytes(os.path.join(root, "gt"))
+    tfds_bytes = _disk_bytes(os.fspath(builder.data_dir))
+    _emit(bench="data_disk", images=builder.info.splits["train"].num_examples,
+          folder_mib=round(folder_bytes / 2 ** 20, 2), tfds_mib=round(tfds_bytes / 2 ** 20, 2),
+          tfds_over_folder=round(tfds_bytes / folder_bytes, 4), prepare_s=round(prepare_s, 2))
+    return {"folders": open_folder(os.path.join(root, "im"), os.path.join(root, "gt"), name="DIS5K-TR"),
+            "tfds": tfds_data.open_dataset("DIS5K-TR", os.path.join(tmp, "tfds"))}
+
+
+def bench_pipeline(d, source: str, n: int, workers: int, threads: int, kind: str):
+    from pisam_jax.data import pipeline
+
     if kind == "train":
         ds = pipeline.train_dataset([d], batch_size=1, seed=0, shard_index=0, shard_count=1,
                                     threads=threads, workers=workers)
@@ -45,9 +73,10 @@ def bench_pipeline(root: str, n: int, workers: int, threads: int, kind: str):
     for _ in range(n):
         next(it)
     dt = time.perf_counter() - t0
-    _emit(bench="data_pipeline", pipeline=kind, out_size=1024, src_size=max(d[0].height, d[0].width),
+    _emit(bench="data_pipeline", pipeline=kind, source=source, out_size=1024, src_size=max(d[0].height, d[0].width),
           workers=workers, threads=threads, images=n, images_per_s=round(n / dt, 2),
           sample_mib=round(sample_mib, 2), cpus=os.cpu_count())
+    return n / dt
 
 
 def _click_inputs(size: int, count: int):
@@ -113,8 +142,10 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=24, help="images timed per pipeline case")
     ap.add_argument("--workers", type=int, default=2, help="N for the worker-process case")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the folders / TFDS comparison")
     ap.add_argument("--size", type=int, default=2048, help="synthetic source long side")
     ap.add_argument("--data", default=None, help="existing folder with im/ and gt/ (else generated)")
+    ap.add_argument("--images", type=int, default=16, help="synthetic images generated (without --data)")
     ap.add_argument("--click_samples", type=int, default=20)
     a = ap.parse_args(argv)
     from pisam_jax.data import synthetic
@@ -122,11 +153,20 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         root = a.data
         if root is None:
-            root = tmp
-            synthetic.generate(root, 16, size=a.size, seed=0, progress=False)
-        for kind in ("train", "eval"):
-            for w in (0, a.workers):
-                bench_pipeline(root, a.n, w, a.threads, kind)
+            root = os.path.join(tmp, "synthetic")
+            synthetic.generate(root, a.images, size=a.size, seed=0, progress=False)
+        sources = open_sources(root, tmp)
+        for w in (0, a.workers):
+            rates = {"folders": [], "tfds": []}
+            for _ in range(a.rounds):
+                for source, r in rates.items():
+                    r.append(bench_pipeline(sources[source], source, a.n, w, a.threads, "train"))
+            med = {s: float(np.median(r)) for s, r in rates.items()}
+            _emit(bench="data_sources", pipeline="train", workers=w, threads=a.threads, rounds=a.rounds,
+                  folders_images_per_s=round(med["folders"], 2), tfds_images_per_s=round(med["tfds"], 2),
+                  tfds_over_folders=round(med["tfds"] / med["folders"], 3))
+        for w in (0, a.workers):
+            bench_pipeline(sources["folders"], "folders", a.n, w, a.threads, "eval")
     for size in (256, 1024):
         bench_clicks(size, a.click_samples)
 

@@ -15,7 +15,10 @@ Fields (override any with ``--config.<field>=value``):
                         pi_deformable, pi_high_res: Pi-SAM's ablations (False removes the module)
   data.*                datasets (names or groups, D8: paper-train), data_root, augmentation, reader threads/workers,
                         synthetic (generate that many synthetic images under data_root when the data is absent;
-                        synthetic_size their long side, synthetic_detail their structure widths, see data.synthetic)
+                        synthetic_size their long side, synthetic_detail their structure widths, see data.synthetic),
+                        source: "folders" (the folder layouts under data_root) or "tfds" (the prepared TFDS datasets
+                        in tfds_data_dir, '' = TFDS's default; with synthetic, prepared from data_root's folders;
+                        datasets may then also name BUILDER[/CONFIG]:SPLIT; see pisam_jax.data.tfds)
   batch_size            global batch over all devices and hosts (spec: 32 = 8 GPUs x 4)
   num_epochs            cosine schedule length in epochs, stepped once per epoch (spec: 100)
   steps_per_epoch       0: len(dataset) // batch_size (drop_last, as the reference)
@@ -62,6 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.datasets = "paper-train"
     c.data.data_root = "data"
+    c.data.source = "folders"
+    c.data.tfds_data_dir = ""
     c.data.augment = True
     c.data.threads = 2
     c.data.prefetch = 4

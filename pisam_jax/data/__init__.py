@@ -6,6 +6,7 @@ Modules, one job each:
   synthetic  deterministic high-resolution thin-structure images with exact masks (+ CLI)
   pipeline   grain pipelines: training (flip, large-scale jitter, box) and evaluation (D7)
   clicks     click simulation from prediction errors (spec 6, D3)
+  tfds       the datasets as TFDS ArrayRecord builders, prepared and read without TensorFlow (imported on demand)
 """
 
 from pisam_jax.data.clicks import simulate_clicks, simulate_clicks_batch

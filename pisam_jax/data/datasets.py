@@ -8,6 +8,10 @@ its mask are each reported with the file name. By default the first problem rais
 (``Dataset.skipped``). ``check="header"`` (default) reads only the file headers;
 ``check="full"`` decodes every file (finds truncated files too, slower).
 
+A ``Sample`` reads its own pixels (``read_image``, ``read_mask``, ``read``): from its files
+here, from a TFDS record for the samples of ``pisam_jax.data.tfds``. ``open_folder`` reads
+the local file system, or any ``Files`` (a zip archive: ``pisam_jax.data.tfds``).
+
 Besides the paper's sets, the interactive-segmentation benchmarks in the layouts they are published in
 (RITM's and HQ-SAM's readers): GrabCut (``GrabCut/data_GT`` images, ``GrabCut/boundary_GT`` masks whose
 value 128 marks an unlabelled band), Berkeley (``Berkeley/images``, ``Berkeley/masks``, read as GrabCut),
@@ -22,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Iterable, Sequence
+from typing import BinaryIO, Iterable, Protocol, Sequence
+
+import numpy as np
 
 from pisam_jax.data import images
 
@@ -126,7 +132,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """One image/mask pair. ``height``/``width`` are the (EXIF-oriented) image size."""
+    """One image/mask pair. ``height``/``width`` are the (EXIF-oriented) image size.
+
+    ``image_path``/``mask_path`` name the files in messages; read the pixels with the methods,
+    which a sample of another storage (``pisam_jax.data.tfds``) overrides.
+    """
 
     name: str
     image_path: str
@@ -134,6 +144,25 @@ class Sample:
     dataset: str
     height: int
     width: int
+
+    def image_file(self) -> str | BinaryIO:
+        """The encoded image as ``PIL.Image.open`` takes it: here its path."""
+        return self.image_path
+
+    def mask_file(self) -> str | BinaryIO:
+        return self.mask_path
+
+    def read_image(self) -> np.ndarray:
+        """uint8 RGB (H, W, 3), ``images.read_image``."""
+        return images.read_image(self.image_file(), self.image_path)
+
+    def read_mask(self) -> np.ndarray:
+        """uint8 (H, W) 0..255, ``images.read_mask``."""
+        return images.read_mask(self.mask_file(), self.mask_path)
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image, mask): both, in one read where the storage allows."""
+        return self.read_image(), self.read_mask()
 
 
 @dataclasses.dataclass
@@ -170,12 +199,40 @@ def resolve_names(names: str | Iterable[str]) -> list[str]:
     return out
 
 
-def _list(folder: str, exts: Sequence[str]) -> dict[str, str]:
+class Files(Protocol):
+    """Where ``open_folder`` reads: folders of files named by '/'-joined paths."""
+
+    def isdir(self, path: str) -> bool: ...
+
+    def files(self, folder: str) -> list[str]:
+        """The names of the files (not folders) in ``folder``."""
+
+    def open(self, path: str) -> str | BinaryIO:
+        """What ``images``' readers take: a path, or a seekable binary file object."""
+
+
+class LocalFiles:
+    """The local file system."""
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def files(self, folder: str) -> list[str]:
+        return [f for f in os.listdir(folder) if os.path.isfile(os.path.join(folder, f))]
+
+    def open(self, path: str) -> str:
+        return path
+
+
+LOCAL = LocalFiles()
+
+
+def _list(folder: str, exts: Sequence[str], files: Files = LOCAL) -> dict[str, str]:
     """basename (without extension) -> file name, for files with one of ``exts``."""
     out: dict[str, str] = {}
-    for f in sorted(os.listdir(folder)):
+    for f in sorted(files.files(folder)):
         stem, ext = os.path.splitext(f)
-        if ext.lower() in exts and not f.startswith(".") and os.path.isfile(os.path.join(folder, f)):
+        if ext.lower() in exts and not f.startswith("."):
             if stem in out:
                 raise DatasetError(f"{os.path.join(folder, f)}: two files share the basename "
                                    f"{stem!r} ({out[stem]}); keep one")
@@ -185,24 +242,24 @@ def _list(folder: str, exts: Sequence[str]) -> dict[str, str]:
 
 def open_folder(image_dir: str, gt_dir: str, *, name: str | None = None, image_ext: str = ".jpg",
                 skip_bad: bool = False, check: str = "header", progress: bool = False,
-                labels: MaskLabels = DEFAULT_LABELS) -> Dataset:
+                labels: MaskLabels = DEFAULT_LABELS, files: Files = LOCAL) -> Dataset:
     """Pair and validate the images in ``image_dir`` with the masks in ``gt_dir`` by basename.
 
     When both are the same folder, files ending in ``image_ext`` are images and ``.png``
     files are masks. See the module docstring for ``skip_bad`` and ``check``; ``labels``: how
-    the masks mark the object.
+    the masks mark the object; ``files``: where the folders are (default: the local file system).
     """
     if check not in ("header", "full"):
         raise ValueError(f"check must be 'header' or 'full', not {check!r}")
     name = name or image_dir
     for d, what in ((image_dir, "image"), (gt_dir, "mask")):
-        if not os.path.isdir(d):
+        if not files.isdir(d):
             raise DatasetError(f"{d}: {what} folder of dataset {name} not found; check --data_root "
                                "or create the data (python -m pisam_jax.data.synthetic --out DIR)")
     if os.path.abspath(image_dir) == os.path.abspath(gt_dir):
-        ims, gts = _list(image_dir, (image_ext.lower(),)), _list(gt_dir, (".png",))
+        ims, gts = _list(image_dir, (image_ext.lower(),), files), _list(gt_dir, (".png",), files)
     else:
-        ims, gts = _list(image_dir, IMAGE_EXTS), _list(gt_dir, MASK_EXTS)
+        ims, gts = _list(image_dir, IMAGE_EXTS, files), _list(gt_dir, MASK_EXTS, files)
 
     problems: list[tuple[str, str]] = []
     for stem in sorted(set(ims) - set(gts)):
@@ -221,9 +278,10 @@ def open_folder(image_dir: str, gt_dir: str, *, name: str | None = None, image_e
         ip, mp = os.path.join(image_dir, ims[stem]), os.path.join(gt_dir, gts[stem])
         try:
             if check == "full":
-                ihw, mhw = images.read_image(ip).shape[:2], images.read_mask(mp).shape[:2]
+                ihw = images.read_image(files.open(ip), ip).shape[:2]
+                mhw = images.read_mask(files.open(mp), mp).shape[:2]
             else:
-                ihw, mhw = images.read_size(ip), images.read_size(mp)
+                ihw, mhw = images.read_size(files.open(ip), ip), images.read_size(files.open(mp), mp)
         except images.ImageReadError as e:
             problem = (mp if str(e).startswith(mp + ":") else ip, _reason(e))
             if not skip_bad:
@@ -243,12 +301,14 @@ def open_folder(image_dir: str, gt_dir: str, *, name: str | None = None, image_e
     return Dataset(name, samples, problems, labels)
 
 
-def read_labels(path: str | os.PathLike, labels: MaskLabels = DEFAULT_LABELS) -> tuple:
-    """A mask file as (object (H, W) bool, ignored pixels (H, W) bool or None), by the dataset's ``labels``."""
+def read_labels(source: "Sample | str | os.PathLike", labels: MaskLabels = DEFAULT_LABELS) -> tuple:
+    """A sample's mask (or a mask file) as (object (H, W) bool, ignored pixels (H, W) bool or None), by the
+    dataset's ``labels``."""
+    src, name = (source.mask_file(), source.mask_path) if isinstance(source, Sample) else (source, None)
     if labels.channels == "max":
-        values = images.read_image(path).max(axis=2)
+        values = images.read_image(src, name).max(axis=2)
     elif labels.channels == "first":
-        values = images.read_mask(path)
+        values = images.read_mask(src, name)
     else:
         raise ValueError(f"MaskLabels.channels must be 'first' or 'max', not {labels.channels!r}")
     ignore = None if labels.ignore is None else values == labels.ignore

@@ -7,13 +7,17 @@
   reference's loader does), with the same conversions. Foreground is ``mask > 128``
   (``binarize``).
 
-Every failure raises ``ImageReadError`` naming the file.
+Every failure raises ``ImageReadError`` naming the file. A source is a path, or the file's
+bytes or a seekable binary file object (an image inside an archive or a TFDS record) with
+``name`` for the messages.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,15 +27,35 @@ Image.MAX_IMAGE_PIXELS = None  # high-resolution datasets exceed PIL's bomb guar
 FOREGROUND_THRESHOLD = 128
 
 
+Source = Union[str, os.PathLike, bytes, BinaryIO]
+
+
 class ImageReadError(ValueError):
     """An image or mask file cannot be read; the message names the file."""
 
 
-def _open(path: str) -> Image.Image:
+def _source(src: Source, name: str | None) -> tuple[str | BinaryIO, str]:
+    """(a path or a seekable binary file object, the name for messages)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return io.BytesIO(src), name or "<bytes>"
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        return path, name or path
+    return src, name or str(getattr(src, "name", "<file>"))
+
+
+def _rewind(f: str | BinaryIO) -> str | BinaryIO:
+    """A file object back at its start (every reader below reads from the start)."""
+    if not isinstance(f, str):
+        f.seek(0)
+    return f
+
+
+def _open(f: str | BinaryIO, path: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            im = Image.open(path)
+            im = Image.open(_rewind(f))
             im.load()
             return ImageOps.exif_transpose(im)
     except FileNotFoundError:
@@ -68,10 +92,13 @@ def _pil_to_array(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
-def _is_png16_color(path: str) -> bool:
+def _is_png16_color(f: str | BinaryIO) -> bool:
     """PIL reduces 16-bit colour PNGs to 8 bits by truncation; detect them to scale exactly."""
-    with open(path, "rb") as f:
-        head = f.read(26)
+    if isinstance(f, str):
+        with open(f, "rb") as fh:
+            head = fh.read(26)
+    else:
+        head = _rewind(f).read(26)
     # A truncated header is not a 16-bit PNG; the decoder then reports the file as corrupt.
     return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 6)
 
@@ -85,34 +112,37 @@ def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
     return ops[orientation](arr) if orientation in ops else arr
 
 
-def _decode_png16_color(path: str) -> np.ndarray:
+def _decode_png16_color(f: str | BinaryIO, path: str) -> np.ndarray:
     import cv2
 
-    arr = cv2.imread(path, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
+    if isinstance(f, str):
+        arr = cv2.imread(f, flags)
+    else:
+        arr = cv2.imdecode(np.frombuffer(_rewind(f).read(), np.uint8), flags)
     if arr is None or arr.ndim != 3:
         raise ImageReadError(f"{path}: cannot decode the 16-bit PNG; the file is corrupt")
     arr = arr[:, :, [2, 1, 0, 3][: arr.shape[2]]]  # BGR(A) -> RGB(A)
     try:
-        with Image.open(path) as im:
+        with Image.open(_rewind(f)) as im:
             orientation = im.getexif().get(0x0112, 1)
     except Exception:
         orientation = 1
     return _orient(arr, orientation)
 
 
-def _decode(path: str) -> np.ndarray:
-    if os.path.isfile(path) and _is_png16_color(path):
-        return _to_uint8(np.ascontiguousarray(_decode_png16_color(path)))
-    arr = _pil_to_array(_open(path))
+def _decode(f: str | BinaryIO, path: str) -> np.ndarray:
+    if (not isinstance(f, str) or os.path.isfile(f)) and _is_png16_color(f):
+        return _to_uint8(np.ascontiguousarray(_decode_png16_color(f, path)))
+    arr = _pil_to_array(_open(f, path))
     if arr.ndim == 3 and arr.shape[2] == 0 or arr.ndim not in (2, 3) or arr.size == 0:
         raise ImageReadError(f"{path}: unsupported image layout {arr.shape}")
     return _to_uint8(arr)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """uint8 RGB (H, W, 3); see the module docstring for the conversions."""
-    path = os.fspath(path)
-    arr = _decode(path)
+def read_image(src: Source, name: str | None = None) -> np.ndarray:
+    """uint8 RGB (H, W, 3); see the module docstring for the conversions and sources."""
+    arr = _decode(*_source(src, name))
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     elif arr.shape[2] == 2:  # LA: gray + alpha
@@ -124,20 +154,19 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
+def read_mask(src: Source, name: str | None = None) -> np.ndarray:
     """uint8 (H, W) 0..255: the first channel of the stored mask."""
-    path = os.fspath(path)
-    arr = _decode(path)
+    arr = _decode(*_source(src, name))
     if arr.ndim == 3:
         arr = arr[:, :, 0]
     return np.ascontiguousarray(arr)
 
 
-def read_size(path: str | os.PathLike) -> tuple[int, int]:
+def read_size(src: Source, name: str | None = None) -> tuple[int, int]:
     """(height, width) after EXIF orientation, from the header only (no full decode)."""
-    path = os.fspath(path)
+    f, path = _source(src, name)
     try:
-        with Image.open(path) as im:
+        with Image.open(_rewind(f)) as im:
             w, h = im.size
             try:
                 orientation = im.getexif().get(0x0112, 1)

@@ -45,9 +45,11 @@ PAD_MASK = 0
 # ------------------------------------------------------------------------- elements
 
 def load(sample: Sample) -> dict:
-    """Read one sample: ``image`` uint8 (H, W, 3), ``mask`` uint8 (H, W), and its metadata."""
-    image = images.read_image(sample.image_path)
-    mask = images.read_mask(sample.mask_path)
+    """Read one sample: ``image`` uint8 (H, W, 3), ``mask`` uint8 (H, W), and its metadata.
+
+    Any ``Sample``: files in folders, or records of a prepared TFDS dataset (``data.tfds``).
+    """
+    image, mask = sample.read()
     if image.shape[:2] != mask.shape:
         raise images.ImageReadError(
             f"{sample.image_path}: image is {image.shape[0]}x{image.shape[1]} but its mask "

@@ -222,8 +222,9 @@ def generate_sample(seed: int, index: int, size: int = 2048, kinds=KINDS, detail
     return img, mask, chosen
 
 
-def write_sample(out: str, seed: int, index: int, size: int = 2048, quality: int = 95, detail: float = 1.0) -> str:
-    """Generate sample ``index`` and write it to ``out/im/<name>.jpg`` and ``out/gt/<name>.png``."""
+def encode_sample(seed: int, index: int, size: int = 2048, quality: int = 95,
+                  detail: float = 1.0) -> tuple[str, bytes, bytes]:
+    """Sample ``index`` as its files hold it: (name, JPEG image bytes, PNG mask bytes)."""
     img, mask, _ = generate_sample(seed, index, size, detail=detail)
     name = sample_name(seed, index)
     # 4:4:4 chroma: the default 4:2:0 subsampling smears thin coloured structures.
@@ -233,8 +234,14 @@ def write_sample(out: str, seed: int, index: int, size: int = 2048, quality: int
     ok2, png = cv2.imencode(".png", mask)
     if not (ok1 and ok2):
         raise RuntimeError(f"encoding sample {name} failed")
-    outputs.write_files({os.path.join(out, "gt", name + ".png"): png.tobytes(),
-                         os.path.join(out, "im", name + ".jpg"): jpg.tobytes()})
+    return name, jpg.tobytes(), png.tobytes()
+
+
+def write_sample(out: str, seed: int, index: int, size: int = 2048, quality: int = 95, detail: float = 1.0) -> str:
+    """Generate sample ``index`` and write it to ``out/im/<name>.jpg`` and ``out/gt/<name>.png``."""
+    name, jpg, png = encode_sample(seed, index, size, quality, detail)
+    outputs.write_files({os.path.join(out, "gt", name + ".png"): png,
+                         os.path.join(out, "im", name + ".jpg"): jpg})
     return name
 
 

@@ -110,7 +110,7 @@ def evaluate_clicks(segs: Sequence, datasets: Sequence[Dataset], out_dir: str | 
 
     def initial(key):
         ds, s = samples[key]
-        gt = images.read_mask(s.mask_path)
+        gt = s.read_mask()
         preds = {m: images.read_mask(loop.prediction_path(out_dir, m, ds.name, s.name)) for m in names}
         return key, gt, preds
 
@@ -138,7 +138,7 @@ def evaluate_clicks(segs: Sequence, datasets: Sequence[Dataset], out_dir: str | 
     def load(key):
         key, gt, preds = initial(key)
         ds, s = samples[key]
-        return key, gt, protocol.overlap_errors(list(preds.values()), gt), images.read_image(s.image_path)
+        return key, gt, protocol.overlap_errors(list(preds.values()), gt), s.read_image()
 
     for seg in segs:
         todo = [key for key in subset if (seg.name, key) not in records]

@@ -206,12 +206,12 @@ def evaluate_dataset(seg, dataset: Dataset, out_dir: str | os.PathLike, *,
 
     def read(sample: Sample):
         try:
-            gt = images.read_mask(sample.mask_path)
+            gt = sample.read_mask()
             if sample.name in done:
                 pred = read_prediction(pred_dir / f"{sample.name}.png", gt.shape)
                 if pred is not None:
                     return sample, gt, None, pred, None
-            return sample, gt, images.read_image(sample.image_path), None, None
+            return sample, gt, sample.read_image(), None, None
         except images.ImageReadError as e:
             return sample, None, None, None, e
 
@@ -255,13 +255,14 @@ def score_folder(pred_dir: str | os.PathLike, dataset: Dataset, metrics: Sequenc
         path = Path(pred_dir) / f"{s.name}.png"
         if not path.is_file():
             raise EvalError(f"{path}: prediction for {dataset.name}/{s.name} not found")
-        suite.update(images.read_mask(path), images.read_mask(s.mask_path), s.name)
+        suite.update(images.read_mask(path), s.read_mask(), s.name)
     return suite
 
 
 def worst_cases(result: DatasetResult, dataset: Dataset, k: int = 8, metric: str = GALLERY_METRIC) -> list[tuple]:
-    """The gallery cases (name, image path, gt path, pred path, score) of the ``k`` worst images."""
+    """The gallery cases (name, image, gt, pred path, score) of the ``k`` worst images (image, gt: a path or a
+    file object, ``Sample.image_file``)."""
     by_name = {s.name: s for s in dataset.samples}
-    return [(r["name"], by_name[r["name"]].image_path, by_name[r["name"]].mask_path,
+    return [(r["name"], by_name[r["name"]].image_file(), by_name[r["name"]].mask_file(),
              str(result.pred_dir / f"{r['name']}.png"), r[metric])
             for r in result.suite.worst(metric, k)]

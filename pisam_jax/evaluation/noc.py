@@ -148,10 +148,10 @@ def _evaluate(seg, runs, ds: Dataset, noc_dir: Path, max_clicks: int, records: d
 
     def load(sample: Sample):
         try:
-            fg, ignore = read_labels(sample.mask_path, ds.labels)
+            fg, ignore = read_labels(sample, ds.labels)
             stored = {st: _read_record(record_path(noc_dir, seg.name, st, ds.name, sample.name), seg.name, st,
                                        sample.name, fg, ignore, max_clicks) for st in runs}
-            image = None if all(r is not None for r in stored.values()) else images.read_image(sample.image_path)
+            image = None if all(r is not None for r in stored.values()) else sample.read_image()
             if image is not None and image.shape[:2] != fg.shape:
                 raise images.ImageReadError(f"{sample.image_path}: image is {image.shape[:2]} but its mask is "
                                             f"{fg.shape}")
@@ -324,8 +324,8 @@ def _gallery_rows(result: NocResult, ds: Dataset, model: str, start: str, k: int
         h, w = r["shape"]
         th, tw = reports.thumbnail_size(h, w, GALLERY_TILE)
         sample = by_name[name]
-        image = reports.thumbnail(images.read_image(sample.image_path), (th, tw))
-        gt = reports.thumbnail(read_labels(sample.mask_path, ds.labels)[0], (th, tw))
+        image = reports.thumbnail(sample.read_image(), (th, tw))
+        gt = reports.thumbnail(read_labels(sample, ds.labels)[0], (th, tw))
         scale = np.array([tw / w, th / h])
         clicks = [((col + 0.5) * scale[0] - 0.5, (row + 0.5) * scale[1] - 0.5, pos) for row, col, pos in r["clicks"]]
         n = clicker.noc(r["ious"], t, result.max_clicks)

@@ -111,21 +111,36 @@ def config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def open_data(config: ml_collections.ConfigDict) -> list[datasets_lib.Dataset]:
-    """The training datasets; synthetic ones generated first when ``data.synthetic`` > 0 and absent."""
+    """The training datasets, from the folders under ``data.data_root`` or (``data.source`` "tfds") the prepared
+    TFDS datasets in ``data.tfds_data_dir``; synthetic ones generated first when ``data.synthetic`` > 0 and absent
+    (for "tfds": into data_root's folders, then prepared from them)."""
     root = config.data.data_root
-    names = datasets_lib.resolve_names(config.data.datasets)
+    if config.data.source == "tfds":
+        from pisam_jax.data import tfds as tfds_data
+
+        names = tfds_data.resolve_names(config.data.datasets)
+    elif config.data.source == "folders":
+        names = datasets_lib.resolve_names(config.data.datasets)
+    else:
+        raise UsageError(f"config.data.source must be 'folders' or 'tfds', not {config.data.source!r}")
     if config.data.synthetic > 0:
         from pisam_jax.data import synthetic
 
         for name in names:
-            spec = datasets_lib.DATASETS[name]
+            spec = datasets_lib.DATASETS.get(name)
+            if spec is None:
+                raise UsageError(f"synthetic data is generated for the datasets of the folder layouts, not {name}")
             im = Path(root) / spec.image_dir
             if jax.process_index() == 0 and not (im.is_dir() and any(im.iterdir())):
                 if Path(root) / spec.image_dir != (Path(root) / spec.gt_dir).parent / "im":
                     raise UsageError(f"synthetic data can only be generated for the DIS5K layout, not {name}")
                 synthetic.generate(str(im.parent), config.data.synthetic, size=config.data.synthetic_size,
                                    seed=config.seed, progress=config.progress, detail=config.data.synthetic_detail)
+        if config.data.source == "tfds" and jax.process_index() == 0:
+            tfds_data.prepare_datasets(names, config.data.tfds_data_dir or None, root, progress=config.progress)
         _barrier("synthetic_data")
+    if config.data.source == "tfds":
+        return tfds_data.open_datasets(names, config.data.tfds_data_dir or None)
     if not Path(root).is_dir():
         raise UsageError(
             f"config.data.data_root {root}: folder not found; point it at the datasets (README: data layout) "

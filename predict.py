@@ -87,15 +87,10 @@ class UsageError(ValueError):
 
 def check_prompts(args: argparse.Namespace, clicks, height: int, width: int) -> None:
     """Box, points and clicks against the image (before any model is loaded)."""
-    x0, y0, x1, y1 = args.box
-    if not all(math.isfinite(v) for v in args.box):
-        raise UsageError(f"--box {x0:g} {y0:g} {x1:g} {y1:g}: the corners must be finite numbers")
-    if x1 < x0 or y1 < y0:
-        raise UsageError(f"--box {x0:g} {y0:g} {x1:g} {y1:g} is inverted; give X0 Y0 X1 Y1 with X0 < X1 and Y0 < Y1")
-    if x1 == x0 or y1 == y0:
-        raise UsageError(f"--box {x0:g} {y0:g} {x1:g} {y1:g} has zero area; give X0 < X1 and Y0 < Y1")
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        raise UsageError(f"--box {x0:g} {y0:g} {x1:g} {y1:g} lies outside the {width}x{height} image")
+    from pisam_jax.transforms import box_problem
+
+    if problem := box_problem(args.box, width, height):
+        raise UsageError("--box " + " ".join(f"{v:g}" for v in args.box) + f" {problem}")
     for flag, (x, y) in [("--point", p[:2]) for p in args.point] + [("--click", c[:2]) for c in clicks]:
         if not (math.isfinite(x) and math.isfinite(y)):
             raise UsageError(f"{flag} {x:g} {y:g}: X and Y must be finite numbers")

@@ -241,10 +241,8 @@ class Predictor:
             raise PromptError(f"boxes must be (P, 4) as x0 y0 x1 y1, got {boxes.shape}")
         h, w = self.original_size
         for x0, y0, x1, y1 in boxes:
-            if not (x1 > x0 and y1 > y0):
-                raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) has zero area; give x0 < x1 and y0 < y1")
-            if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-                raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {w}x{h} image")
+            if problem := transforms.box_problem((x0, y0, x1, y1), w, h):
+                raise PromptError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) {problem}")
         return boxes
 
     def _check_masks(self, masks) -> np.ndarray:

@@ -133,6 +133,21 @@ def apply_coords(coords: np.ndarray, original_size: tuple[int, int], target: int
     return coords.astype(np.float32)
 
 
+def box_problem(box, width: int, height: int) -> str | None:
+    """What is wrong with a box (x0, y0, x1, y1) in pixels of a width x height image, as words that follow the
+    box in a message ("box (...) is inverted; ..."), or None when it is a valid prompt."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not all(np.isfinite([x0, y0, x1, y1])):
+        return "has a corner that is not a finite number"
+    if x1 < x0 or y1 < y0:
+        return "is inverted; give x0 < x1 and y0 < y1"
+    if x1 == x0 or y1 == y0:
+        return "has zero area; give x0 < x1 and y0 < y1"
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        return f"lies outside the {width}x{height} image"
+    return None
+
+
 def apply_boxes(boxes: np.ndarray, original_size: tuple[int, int], target: int = 1024) -> np.ndarray:
     """(..., 4) boxes (x0, y0, x1, y1) in original pixels -> the resized frame."""
     boxes = np.asarray(boxes)

@@ -220,7 +220,7 @@ def test_bad_input_answers_one_line_and_the_server_goes_on(demo, tmp_path):
     r = c.call("click", {"x": 1.5, "y": 10, "foreground": True})
     assert r["status"] == 400 and "whole pixel" in r["error"]
     r = c.call("box", {"box": [10, 10, 10, 50]})
-    assert r["status"] == 400 and "has no area" in r["error"]
+    assert r["status"] == 400 and "box (10, 10, 10, 50) has zero area" in r["error"]
     r = c.call("box", {"box": [10, 10, 300, 50]})
     assert r["status"] == 400 and "outside the 256x192 image" in r["error"]
     r = c.call("click", {"x": 5, "y": 6, "foreground": True})

@@ -185,6 +185,8 @@ def test_predict_does_not_rerun_the_encoder(predictor, monkeypatch):
     "kwargs, message",
     [
         (dict(box=np.array([10, 10, 10, 50])), "zero area"),
+        (dict(box=np.array([40, 10, 10, 50])), "is inverted"),
+        (dict(box=np.array([np.nan, 10, 20, 50])), "not a finite number"),
         (dict(box=np.array([10, 10, 90, 50])), "outside"),
         (dict(point_coords=np.array([[1, 2]])), "together"),
         (dict(point_coords=np.array([[1, 2]]), point_labels=np.array([2])), "labels"),

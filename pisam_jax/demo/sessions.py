@@ -41,6 +41,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from pisam_jax import transforms
 from pisam_jax.predictor import Predictor, PromptError
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -304,12 +305,8 @@ class Session:
             x0, y0, x1, y1 = (float(v) for v in box)
         except (TypeError, ValueError):
             raise DemoError(f"a box is four numbers x0, y0, x1, y1, got {box!r}") from None
-        if not all(np.isfinite([x0, y0, x1, y1])):
-            raise DemoError("the box's corners must be finite numbers")
-        if not (x0 < x1 and y0 < y1):
-            raise DemoError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) has no area: drag from one corner to the other")
-        if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-            raise DemoError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {w}x{h} image")
+        if problem := transforms.box_problem((x0, y0, x1, y1), w, h):
+            raise DemoError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) {problem}")
         return x0, y0, x1, y1
 
     def _check_click(self, x, y) -> tuple[int, int]:

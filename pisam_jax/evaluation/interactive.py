@@ -191,19 +191,7 @@ def record_path(out_dir: str | os.PathLike, model: str, key: str) -> Path:
 
 def check_click_settings(clicks_dir: Path, settings: dict) -> None:
     """Record ``settings`` in ``clicks_dir``, or check they are those its stored records were made with."""
-    path = clicks_dir / loop.SETTINGS_FILE
-    settings = json.loads(json.dumps(settings))  # as read back: lists, string keys
-    has_records = any(clicks_dir.glob("*/*/*.npz"))
-    if path.is_file() and has_records:
-        old = loop.read_settings(path)
-        if old != settings:
-            raise loop.EvalError(f"{clicks_dir} holds click results made with other settings "
-                                 f"({_click_settings_change(old, settings)}); use another --out or delete that folder")
-        return
-    if has_records:
-        raise loop.EvalError(f"{clicks_dir} holds click results but not their {loop.SETTINGS_FILE}; "
-                             "use another --out or delete that folder")
-    write_json(path, settings)
+    loop.check_stored_settings(clicks_dir, settings, "*/*/*.npz", "click", _click_settings_change)
 
 
 def _click_settings_change(old: dict, new: dict) -> str:

@@ -141,6 +141,24 @@ def check_settings(model_dir: Path, settings: dict) -> None:
     write_json(path, settings)
 
 
+def check_stored_settings(folder: Path, settings: dict, records: str, what: str, describe=settings_change) -> None:
+    """Record ``settings`` in ``folder``, or check they are those its stored records (glob ``records``) were made
+    with; ``what`` names the results in the error, ``describe(old, new)`` says what differs."""
+    path = folder / SETTINGS_FILE
+    settings = json.loads(json.dumps(settings))  # as read back: lists, string keys
+    has_records = any(folder.glob(records))
+    if path.is_file() and has_records:
+        old = read_settings(path)
+        if old != settings:
+            raise EvalError(f"{folder} holds {what} results made with other settings ({describe(old, settings)}); "
+                            "use another --out or delete that folder")
+        return
+    if has_records:
+        raise EvalError(f"{folder} holds {what} results but not their {SETTINGS_FILE}; "
+                        "use another --out or delete that folder")
+    write_json(path, settings)
+
+
 def is_eval_output(out_dir: str | os.PathLike) -> bool:
     """Whether ``out_dir`` holds what an evaluation writes (a model's settings.json, or the tables)."""
     out_dir = Path(out_dir)
@@ -224,7 +242,8 @@ def evaluate_dataset(seg, dataset: Dataset, out_dir: str | os.PathLike, *,
             continue
         if pred is None:
             if image.shape[:2] != gt.shape:
-                raise images.ImageReadError(f"{sample.image_path}: image is {image.shape[:2]} but its mask is {gt.shape}")
+                raise images.ImageReadError(
+                    f"{sample.image_path}: image is {image.shape[:2]} but its mask is {gt.shape}")
             seg.set_image(image)
             mask = seg.predict_box(seg.gt_box(gt)).mask
             write_mask_png(pred_dir / f"{sample.name}.png", mask)

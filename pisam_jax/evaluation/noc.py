@@ -109,7 +109,8 @@ def evaluate_noc(segs: Sequence, datasets: Sequence[Dataset], out_dir: str | os.
             raise loop.EvalError(f"model {seg.name} (Pi-SAM) starts from a box only; add box to the starts")
     out_dir = Path(out_dir)
     noc_dir = out_dir / "noc"
-    _check_protocol(noc_dir, dict(protocol=PROTOCOL, max_clicks=max_clicks, gallery_tile=GALLERY_TILE))
+    loop.check_stored_settings(noc_dir, dict(protocol=PROTOCOL, max_clicks=max_clicks, gallery_tile=GALLERY_TILE),
+                               "*/*/*/*.npz", "NoC")
     for seg in segs:
         loop.check_settings(noc_dir / seg.name, loop.model_settings(seg))
 
@@ -340,22 +341,6 @@ def _gallery_rows(result: NocResult, ds: Dataset, model: str, start: str, k: int
 
 def record_path(noc_dir: Path, model: str, start: str, dataset: str, name: str) -> Path:
     return Path(noc_dir) / model / start / dataset / f"{name}.npz"
-
-
-def _check_protocol(noc_dir: Path, settings: dict) -> None:
-    """Record the protocol's settings in ``noc_dir``, or check they are those of the records stored there."""
-    path = noc_dir / loop.SETTINGS_FILE
-    has_records = any(noc_dir.glob("*/*/*/*.npz"))
-    if path.is_file() and has_records:
-        old = loop.read_settings(path)
-        if old != settings:
-            raise loop.EvalError(f"{noc_dir} holds NoC results made with other settings "
-                                 f"({loop.settings_change(old, settings)}); use another --out or delete that folder")
-        return
-    if has_records:
-        raise loop.EvalError(f"{noc_dir} holds NoC results but not their {loop.SETTINGS_FILE}; "
-                             "use another --out or delete that folder")
-    write_json(path, settings)
 
 
 def _write_record(path: Path, rec: dict) -> None:

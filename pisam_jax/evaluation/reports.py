@@ -264,7 +264,8 @@ def noc_table(summary: Mapping, thresholds: Sequence[float], datasets: Sequence[
     keys = _noc_rows(summary)
     values = [[_value(summary, m, st, d, k) for d in datasets for k in metrics] for m, st in keys]
     if timing is not None:
-        cols, col_labels, col_metrics = cols + ["s_per_click"], col_labels + ["s / click"], col_metrics + ["s_per_click"]
+        cols, col_labels = cols + ["s_per_click"], col_labels + ["s / click"]
+        col_metrics = col_metrics + ["s_per_click"]
         for (m, st), v in zip(keys, values):
             v.append(_value(timing, m, st, "s_per_click"))
     t = Table(f"Clicks to reach an IoU: NoC@t the mean number ({max_clicks} when never reached), NoF@t the images "

@@ -10,6 +10,7 @@ A checkpoint is one directory::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -466,9 +467,9 @@ def load_model(path: str | os.PathLike) -> Sam:
         raise ModelError(f"cannot read the parameters in {Path(path) / PARAMS_DIR}: {first_line(e)}") from None
     _check_shapes(Path(path), target, stored)
     try:
-        restored = checkpointer.restore(params, target)
+        with quiet_if_restore_fails():
+            restored = checkpointer.restore(params, target)
     except Exception as e:
-        quiet_orphaned_reads()
         raise ModelError(f"cannot read the parameters in {Path(path) / PARAMS_DIR}: {first_line(e)}; the files "
                          "are damaged: convert or export the model again") from None
     nnx.replace_by_pure_dict(state, restored)
@@ -499,30 +500,41 @@ def _check_shapes(path: Path, target, stored) -> None:
                          "Restore it, or convert or export the model again")
 
 
-def quiet_orphaned_reads() -> None:
-    """Silences what a failed orbax restore leaves behind, so the caller's one-line error stays one line.
+@contextlib.contextmanager
+def quiet_if_restore_fails():
+    """Around an orbax restore: if it fails, what the failure leaves behind is silenced, so the caller's
+    one-line error stays one line.
 
     On the first failed read orbax closes its event loop while the other tensorstore reads are in flight; each
-    then reports "RuntimeError: Event loop is closed" through ``sys.unraisablehook``, or, finished with the same
-    error, is logged as "Task exception was never retrieved" when collected: dozens of tracebacks. Exactly
-    those two reports are dropped from then on; everything else still goes where it went.
+    then reports "RuntimeError: Event loop is closed" through ``sys.unraisablehook`` (some while the first error
+    is still on its way up, hence before, not after, the failure), or, finished with the same error, is logged
+    as "Task (or Future) exception was never retrieved" when collected: dozens of tracebacks. Exactly those
+    reports are dropped; everything else still goes where it went. A restore that succeeds leaves both hooks as
+    they were.
     """
     import logging
     import sys
 
-    if getattr(sys.unraisablehook, "_pisam_quiet", False):
-        return
     previous = sys.unraisablehook
+    if getattr(previous, "quiets_orphaned_reads", False):  # an earlier failure's, still in place
+        yield
+        return
 
-    def hook(unraisable):
+    def unraisablehook(unraisable):
         e = unraisable.exc_value
         if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
             previous(unraisable)
 
-    hook._pisam_quiet = True
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(
-        lambda record: not str(record.msg).startswith("Task exception was never retrieved"))
+    def retrieved(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Task exception was never retrieved",
+                                               "Future exception was never retrieved"))
+
+    unraisablehook.quiets_orphaned_reads = True
+    sys.unraisablehook = unraisablehook
+    logging.getLogger("asyncio").addFilter(retrieved)
+    yield  # an exception from the restore leaves through here, the filters staying for the orphaned reads
+    sys.unraisablehook = previous
+    logging.getLogger("asyncio").removeFilter(retrieved)
 
 
 def params_fingerprint(model: Sam) -> str:

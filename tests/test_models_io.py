@@ -156,3 +156,35 @@ run_cli(main)
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_parameter_file_is_one_error_and_nothing_on_stderr(tiny_sam, tmp_path):
+    """A truncated parameter file: each load is one ModelError and nothing else, though orbax's other reads are
+    still in flight when it fails (they used to print "Event loop is closed" tracebacks, about one load in five).
+    A load that succeeds leaves the interpreter's hooks as they were."""
+    import subprocess
+    import sys
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_sam[2], damaged)
+    biggest = max((p for p in (damaged / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[:100_000])
+    script = f"""
+import gc, sys
+from pisam_jax import models
+before = sys.unraisablehook
+models.load_model({str(tiny_sam[2])!r})
+assert sys.unraisablehook is before, "a load that succeeded left its hook"
+errors = set()
+for _ in range(20):
+    try:
+        models.load_model({str(damaged)!r})
+    except models.ModelError as e:
+        errors.add(str(e).split(":")[0])
+gc.collect()
+print(*errors, sep="\\n")
+"""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [f"cannot read the parameters in {damaged / 'params'}"]

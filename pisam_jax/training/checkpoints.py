@@ -109,12 +109,12 @@ class Checkpoints:
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         try:
-            out = dict(self.manager.restore(step, args=ocp.args.Composite(**args)))
+            with models.quiet_if_restore_fails():
+                out = dict(self.manager.restore(step, args=ocp.args.Composite(**args)))
             out["train"] = _fill(train_state, out["train"])
             out["frozen"] = _fill(frozen_state, out["frozen"])
             return out
         except (ValueError, KeyError, FileNotFoundError) as e:
-            models.quiet_orphaned_reads()
             raise CheckpointError(
                 f"cannot restore checkpoint {self.directory / str(step)}: {e}; it was written by a different "
                 "model or stage, or is damaged: use a new --workdir or remove it"
@@ -167,7 +167,7 @@ def load_workdir_model(workdir: str | os.PathLike, step: int | None = None) -> t
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), s.to_pure_dict()
     )
     try:
-        with ocp.CheckpointManager(directory) as mngr:
+        with ocp.CheckpointManager(directory) as mngr, models.quiet_if_restore_fails():
             restored = mngr.restore(
                 step,
                 args=ocp.args.Composite(
@@ -176,7 +176,6 @@ def load_workdir_model(workdir: str | os.PathLike, step: int | None = None) -> t
                 ),
             )
     except Exception as e:  # orbax raises many types for damaged files
-        models.quiet_orphaned_reads()
         raise CheckpointError(f"cannot read checkpoint {directory / str(step)} "
                               f"({models.first_line(e)}); it is damaged: give another STEP") from None
     nnx.replace_by_pure_dict(train_state, restored["train"])

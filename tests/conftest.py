@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 def tiny_sam(tmp_path_factory):
     """A tiny random SAM: (torch Sam, its official-format .pth, our converted model directory)."""
     from convert.sam import convert_sam
-    from tests.sam_reference import TINY, build_torch_sam, save_official
+    from references.sam import TINY, build_torch_sam, save_official
 
     root = tmp_path_factory.mktemp("tiny_sam")
     sam = build_torch_sam(**TINY)

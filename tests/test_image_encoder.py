@@ -27,7 +27,7 @@ from convert.keymap import load_torch_weights
 from pisam_jax.modeling import image_encoder as ours_lib
 from pisam_jax.modeling.image_encoder import ENCODER_CONFIGS, ImageEncoderViT
 from tests.parity import assert_as_accurate, float64
-from tests.sam_reference import expose_layer_norm_2d_eps_
+from references.sam import expose_layer_norm_2d_eps_
 
 
 # --------------------------------------------------------------------------------------

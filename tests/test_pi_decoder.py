@@ -1,6 +1,6 @@
 """Pi-SAM's decoder: reference layout, RGB embedding, convert.pisam, and fp32 parity with the PyTorch reference.
 
-The reference (``tests/pisam_reference.py``, written from PISAM_SPEC.md) gets random weights with nothing trivially
+The reference (``references/pisam.py``, written from PISAM_SPEC.md) gets random weights with nothing trivially
 zero (perturbed LayerNorms, non-zero DCN offset/modulator convs and interactor ``out_cov``), is saved in the
 official key layout (188 keys stage 1, 270 stage 2, raw or under ``model_state_dict``), converted together with a
 small SAM at the real 1024 input (Pi-SAM's decoder assumes 64^2 embeddings and 256^2 / 1024^2 outputs), and
@@ -39,15 +39,15 @@ from tests.parity import (
     logit_band,
     reference_in_float64,
 )
-from tests.pisam_reference import (
+from references.pisam import (
     VIT_CONFIGS,
     MaskDecoderAE,
     count,
     perturb_,
     torch_encode,
 )
-from tests.pisam_reference import seed42_rgb_embed as torch_seed42_rgb_embed
-from tests.sam_reference import build_torch_sam, expose_layer_norm_2d_eps_, save_official
+from references.pisam import seed42_rgb_embed as torch_seed42_rgb_embed
+from references.sam import build_torch_sam, expose_layer_norm_2d_eps_, save_official
 
 # A SAM at Pi-SAM's real geometry (1024 input, 64^2 embedding) but 2 narrow blocks: cheap on two CPU cores.
 SMALL_1024 = dict(image_size=1024, embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=14)

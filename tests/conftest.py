@@ -24,3 +24,12 @@ def tiny_sam(tmp_path_factory):
     sam = build_torch_sam(**TINY)
     save_official(sam, root / "sam_tiny.pth")
     return sam, root / "sam_tiny.pth", convert_sam(root / "sam_tiny.pth", root / "converted")
+
+
+@pytest.fixture
+def accelerator_paths(monkeypatch):
+    """Runs the code paths written for GPUs and TPUs (whole-array attention, the HR head layer by layer, several
+    deformable-conv taps per step) on the CPU, where they are not the default (``modeling.common.CODE_PATHS``)."""
+    from pisam_jax.modeling import common
+
+    monkeypatch.setattr(common, "CODE_PATHS", "accelerator")

@@ -346,9 +346,9 @@ def _reference_head(ref, e, rgb, dtype):
 
 @pytest.mark.parametrize("band_rows", [64, 1024])
 def test_head_matches_the_reference(setup, head_case, monkeypatch, band_rows):
-    """The HR head's functional forward (bands of output rows on CPU, one band elsewhere), and the plain
-    layer-by-layer form, are the reference's head, for a batch sharing one RGB embedding; so are their gradients
-    (the head trains in both stages)."""
+    """The HR head's functional forward (bands of output rows on CPU), the accelerators' form (``_head_layers``)
+    and the plain layer-by-layer form are the reference's head, for a batch sharing one RGB embedding; so are
+    their gradients (the head trains in both stages)."""
     monkeypatch.setattr(pi_decoder, "HEAD_BAND_ROWS", band_rows)
     graphdef, state, e, rgb = head_case
     # E at 64^2 (head output 256^2): 4 bands of 64 rows, or one (1024 rows do not divide 256).
@@ -357,12 +357,15 @@ def test_head_matches_the_reference(setup, head_case, monkeypatch, band_rows):
     def banded(state, e):
         return nnx.merge(graphdef, state).head(e, rgb)
 
+    def accelerator(state, e):
+        return nnx.merge(graphdef, state)._head_layers(e, rgb)
+
     def layers(state, e):
         d = nnx.merge(graphdef, state)
         return d.out_act(d.output_upscaling_2(e) + rgb).transpose(0, 3, 1, 2)
 
     names = torch_names(nnx.merge(graphdef, state))
-    for form, f in (("banded", banded), ("layer by layer", layers)):
+    for form, f in (("banded", banded), ("accelerator", accelerator), ("layer by layer", layers)):
         assert_as_accurate(f"{form} head", jax.jit(f)(state, e), expected[0][0], expected[1][0])
         grads = jax.jit(jax.grad(lambda s, e: jnp.mean(jnp.tanh(f(s, e))), argnums=(0, 1)))(state, e)
         assert_as_accurate(f"{form} head d/dE", grads[1], expected[0][2], expected[1][2])

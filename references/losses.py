@@ -8,6 +8,7 @@ Mask2Former's ``point_sample``, ``calculate_uncertainty``, ``get_uncertain_point
 import torch
 import torch.nn.functional as F
 
+
 def ref_point_sample(input, point_coords, **kwargs):
     add_dim = False
     if point_coords.dim() == 3:

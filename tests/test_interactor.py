@@ -25,8 +25,8 @@ from pisam_jax.modeling.interactor import (
 )
 from pisam_jax.modeling.transformer import Attention
 from references import pisam_interactor as ref_mod
-from tests.parity import assert_as_accurate, float64, reference_in_float64
 from references.sam import expose_layer_norm_2d_eps_
+from tests.parity import assert_as_accurate, float64, reference_in_float64
 
 def _randomise(ref: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Perturbs every LayerNorm(2d), gives ``out_cov`` non-zero weights (so nothing hides) and scales the convs

@@ -31,14 +31,6 @@ from convert.keymap import ConversionError, torch_names
 from convert.pisam import RGB_FINGERPRINTS, check_rgb_fingerprints, convert_pisam, seed42_rgb_embed
 from pisam_jax.modeling import pi_decoder
 from pisam_jax.models import ModelConfig, abstract_model, load_model
-from tests.parity import (
-    assert_as_accurate,
-    assert_near,
-    assert_same_masks,
-    float64,
-    logit_band,
-    reference_in_float64,
-)
 from references.pisam import (
     VIT_CONFIGS,
     MaskDecoderAE,
@@ -48,6 +40,14 @@ from references.pisam import (
 )
 from references.pisam import seed42_rgb_embed as torch_seed42_rgb_embed
 from references.sam import build_torch_sam, expose_layer_norm_2d_eps_, save_official
+from tests.parity import (
+    assert_as_accurate,
+    assert_near,
+    assert_same_masks,
+    float64,
+    logit_band,
+    reference_in_float64,
+)
 
 # A SAM at Pi-SAM's real geometry (1024 input, 64^2 embedding) but 2 narrow blocks: cheap on two CPU cores.
 SMALL_1024 = dict(image_size=1024, embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=14)

@@ -16,6 +16,8 @@ Fields (override any with ``--config.<field>=value``):
   data.*                datasets (names or groups, D8: paper-train), data_root, augmentation, reader threads/workers,
                         synthetic (generate that many synthetic images under data_root when the data is absent;
                         synthetic_size their long side, synthetic_detail their structure widths, see data.synthetic)
+  dtype                 compute dtype: "float32" (the reference's) or "bfloat16" (matmuls and convs in bf16, float32
+                        weights, statistics, softmax and logits; pisam_jax/modeling/precision.py)
   batch_size            global batch over all devices and hosts (spec: 32 = 8 GPUs x 4)
   num_epochs            cosine schedule length in epochs, stepped once per epoch (spec: 100)
   steps_per_epoch       0: len(dataset) // batch_size (drop_last, as the reference)
@@ -71,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic_size = 1024
     c.data.synthetic_detail = 1.0
 
+    c.dtype = "float32"
     c.batch_size = 32
     c.num_epochs = 100
     c.steps_per_epoch = 0

@@ -57,6 +57,9 @@ flags.DEFINE_enum("geometry", "stretch", ["stretch", "longest_side"],
                   "stretch: 1024x1024 as the paper's evaluation; longest_side: SAM's resize + pad")
 flags.DEFINE_bool("hq_token_only", False, "HQ-SAM models: score the HQ token's mask alone (HQ-SAM train.py "
                   "evaluation) instead of the HQ-corrected SAM mask (segment_anything_hq predictor default)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "compute dtype: float32 (the reference's), or bfloat16 (faster on GPUs and TPUs; float32 weights, "
+                  "statistics and logits)")
 flags.DEFINE_list("metrics", [], "metrics (default: the paper's for each dataset, plus IoU)")
 flags.DEFINE_list("clicks", [], "click counts for the click protocol, e.g. 1,2,5 (empty: no click protocol)")
 flags.DEFINE_list("click_modes", ["ALL"], "click types: ALL (Table 2), FG, BG (Table 7)")
@@ -182,7 +185,8 @@ def run() -> None:
         datasets = [open_dataset(n, FLAGS.data_root, skip_bad=FLAGS.skip_bad) for n in resolve_names(FLAGS.datasets)]
     for m in FLAGS.model:  # every model directory readable before any is loaded
         read_config(m)
-    segs = [BoxSegmenter.load(m, geometry=FLAGS.geometry, hq_token_only=FLAGS.hq_token_only) for m in FLAGS.model]
+    segs = [BoxSegmenter.load(m, geometry=FLAGS.geometry, hq_token_only=FLAGS.hq_token_only, dtype=FLAGS.dtype)
+            for m in FLAGS.model]
     for seg, m in zip(segs, FLAGS.model):
         print(f"model {seg.name}: {m}, parameters sha256 {loop.params_fingerprint(seg.model)[:16]}", flush=True)
     out = Path(FLAGS.out)

@@ -7,7 +7,7 @@ Prints one JSON line per case (``encoder``, ``decoder_sam`` and ``decoder_hq`` f
   * ``pisam_over_sam``: (encoder + Pi-SAM decoder) / (encoder + SAM decoder), goal <= 1.10;
   * ``click_over_box``: a click set / a full Pi-SAM decode, goal <= 0.25;
   * ``pi_decoder_over_torch``: our Pi-SAM decoder / the reference's, goal <= 0.5.
-The Pi-SAM cases, ours vs the reference written in ``tests/pisam_reference.py``, same weights:
+The Pi-SAM cases, ours vs the reference written in ``references/pisam.py``, same weights:
   * ``pi_box``:    what a new box costs: HQ features, SAM's transformer with the HQ token, the 256^2 logits, the
                    Object Embedder (two deformable convs at 256^2) and the HR head to the 1024^2 logits;
   * ``pi_clicks``: what a new click set costs given the box's cached E: the Precise Interactor + HR head.
@@ -36,7 +36,7 @@ def _setup(model_type: str, device: str):
 
     from convert.keymap import load_torch_weights
     from pisam_jax.models import ModelConfig, build_model
-    from tests.pisam_reference import VIT_CONFIGS, MaskDecoderAE, perturb_
+    from references.pisam import VIT_CONFIGS, MaskDecoderAE, perturb_
 
     vit_dim = VIT_CONFIGS[model_type]["embed_dim"]
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def bench_pi(args) -> list[dict]:
     """The ``pi_box`` and ``pi_clicks`` cases."""
     import torch
 
-    from tests.pisam_reference import interact
+    from references.pisam import interact
 
     args.torch_device = device = torch_device()
     ref, rgb_embed, model, nnx = _setup(args.model_type, device)

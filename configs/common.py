@@ -19,6 +19,8 @@ Fields (override any with ``--config.<field>=value``):
                         source: "folders" (the folder layouts under data_root) or "tfds" (the prepared TFDS datasets
                         in tfds_data_dir, '' = TFDS's default; with synthetic, prepared from data_root's folders;
                         datasets may then also name BUILDER[/CONFIG]:SPLIT; see pisam_jax.data.tfds)
+  dtype                 compute dtype: "float32" (the reference's) or "bfloat16" (matmuls and convs in bf16, float32
+                        weights, statistics, softmax and logits; pisam_jax/modeling/precision.py)
   batch_size            global batch over all devices and hosts (spec: 32 = 8 GPUs x 4)
   num_epochs            cosine schedule length in epochs, stepped once per epoch (spec: 100)
   steps_per_epoch       0: len(dataset) // batch_size (drop_last, as the reference)
@@ -76,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic_size = 1024
     c.data.synthetic_detail = 1.0
 
+    c.dtype = "float32"
     c.batch_size = 32
     c.num_epochs = 100
     c.steps_per_epoch = 0

@@ -5,7 +5,8 @@ A checkpoint is one directory::
     DIR/config.json   the ModelConfig plus provenance (what it was converted or trained from)
     DIR/params/       orbax checkpoint of the model's variables
 
-``load_model(DIR)`` needs nothing else.
+``load_model(DIR)`` needs nothing else. The compute dtype (float32, or bfloat16 for speed on GPUs and TPUs) is
+chosen when a model is loaded or built, not stored: ``load_model(DIR, dtype="bfloat16")`` (``modeling/precision.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pisam_jax import outputs
 from pisam_jax.modeling.hq_decoder import MaskDecoderHQ
 from pisam_jax.modeling.image_encoder import ENCODER_CONFIGS, ImageEncoderViT
 from pisam_jax.modeling.mask_decoder import MaskDecoder
+from pisam_jax.modeling import precision
 from pisam_jax.modeling.pi_decoder import MaskDecoderPi, PiBase
 from pisam_jax.modeling.prompt_encoder import PromptEncoder
 from pisam_jax.modeling.transformer import TwoWayTransformer
@@ -133,11 +135,12 @@ class Sam(nnx.Module):
 
     ``config.decoder`` picks the mask decoder: "sam" (``MaskDecoder``), "hq" (HQ-SAM's ``MaskDecoderHQ``) or
     "pi" (Pi-SAM's ``MaskDecoderPi``, with ``interact_2`` when ``config.interactor``; decoded with
-    ``pi_base`` / ``pi_refine`` / ``decode_pi``).
+    ``pi_base`` / ``pi_refine`` / ``decode_pi``). ``compute_dtype``: "float32" or "bfloat16" (``set_dtype``).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
+        self.compute_dtype = "float32"
         self.image_encoder = ImageEncoderViT(
             img_size=config.image_size,
             patch_size=config.patch_size,
@@ -324,16 +327,43 @@ def _prompt_batch(points, boxes, masks) -> tuple[int, int]:
     return given[0]
 
 
-def build_model(config: ModelConfig, *, seed: int = 0) -> Sam:
-    """A model with freshly initialised weights (PyTorch's default initialisation)."""
+def check_dtype(dtype) -> str:
+    """A compute dtype's name ("float32" or "bfloat16"), or a ModelError saying which there are."""
+    try:
+        return precision.check_dtype(dtype)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+
+
+def set_dtype(model: Sam, dtype) -> Sam:
+    """Sets ``model``'s compute dtype in place ("float32", "bfloat16", or None for float32); returns it.
+
+    Parameters stay float32 (cast where used); see ``modeling/precision.py`` for what stays float32 in bfloat16.
+    """
+    name = check_dtype(dtype)
+    precision.set_compute_dtype(model, name)
+    model.compute_dtype = name
+    return model
+
+
+def with_dtype(model: Sam, dtype) -> Sam:
+    """A model computing in ``dtype`` that shares ``model``'s parameters (no copy); ``model`` itself is unchanged."""
+    name = check_dtype(dtype)
+    if name == model.compute_dtype:
+        return model
+    return set_dtype(nnx.merge(*nnx.split(model)), name)
+
+
+def build_model(config: ModelConfig, *, seed: int = 0, dtype=None) -> Sam:
+    """A model with freshly initialised weights (PyTorch's default initialisation), computing in ``dtype``."""
     if config.decoder not in DECODER_TYPES:
         raise ModelError(f"unknown decoder {config.decoder!r}; expected one of {', '.join(DECODER_TYPES)}")
-    return Sam(config, rngs=nnx.Rngs(seed))
+    return set_dtype(Sam(config, rngs=nnx.Rngs(seed)), dtype)
 
 
-def abstract_model(config: ModelConfig) -> Sam:
+def abstract_model(config: ModelConfig, dtype=None) -> Sam:
     """The model's structure with shapes only (no memory, no compute): the target for loading weights."""
-    return nnx.eval_shape(lambda: build_model(config))
+    return nnx.eval_shape(lambda: build_model(config, dtype=dtype))
 
 
 def save_model(model: Sam, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -448,15 +478,17 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raise ModelError(f"{config_file} is corrupt ({e}); convert or export the model again") from None
 
 
-def load_model(path: str | os.PathLike) -> Sam:
-    """Loads a model written by ``save_model`` (or by the converters).
+def load_model(path: str | os.PathLike, *, dtype=None) -> Sam:
+    """Loads a model written by ``save_model`` (or by the converters), computing in ``dtype`` ("float32", the
+    default, or "bfloat16"; the parameters are float32 either way).
 
     config.json is checked against the stored parameter shapes first, so an edited config never loads.
     """
     import orbax.checkpoint as ocp
 
+    name = check_dtype(dtype)
     config = read_config(path)
-    model = abstract_model(config)
+    model = abstract_model(config, name)
     state = nnx.state(model, nnx.Variable)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
     params = Path(path).absolute() / PARAMS_DIR

@@ -16,6 +16,9 @@ and the HR head on features cached per box:
 
 Coordinates are (x, y) pixels of the original image. Each call after ``set_image``
 runs only the prompt encoder and the decoder, jit-compiled once per prompt shape.
+
+``Predictor(model, dtype="bfloat16")`` computes in bfloat16 (the model's own dtype by default; see
+``load_model(DIR, dtype=...)``), sharing the model's float32 parameters.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from flax import nnx
 from pisam_jax import transforms
 from pisam_jax.modeling.hq_decoder import MaskDecoderHQ
 from pisam_jax.modeling.pi_decoder import PiBase
-from pisam_jax.models import ImageFeatures, Sam
+from pisam_jax.models import ImageFeatures, Sam, with_dtype
 
 
 class PromptError(ValueError):
@@ -38,21 +41,24 @@ class PromptError(ValueError):
 
 
 class Predictor:
-    def __init__(self, model: Sam):
-        self.model = model
+    def __init__(self, model: Sam, dtype: str | None = None):
+        """``dtype``: the compute dtype ("float32" or "bfloat16"); None keeps the model's own."""
+        self.model = model if dtype is None else with_dtype(model, dtype)
         self.image_size = model.config.image_size
-        graphdef, self._state = nnx.split(model)
-        self._encode = jax.jit(lambda state, images: nnx.merge(graphdef, state).encode(images))
-        self._cache_hq = jax.jit(lambda state, features: nnx.merge(graphdef, state).cache_hq_features(features))
-        self._decode = jax.jit(partial(_decode, graphdef), static_argnames=("multimask_output", "hq_token_only"))
-        self._pi_base = jax.jit(lambda state, features, boxes: nnx.merge(graphdef, state).pi_base(features, boxes))
+        graphdef, state = nnx.split(self.model)
+        # The jitted calls take the parameters as a flat list of arrays: handing them a whole nnx.State costs ~1 ms
+        # of Python per call (flattening it), as much as a prompt's decode on a GPU.
+        self._params, treedef = jax.tree.flatten(state)
+        merged = lambda params: nnx.merge(graphdef, jax.tree.unflatten(treedef, params))  # noqa: E731
+        self._encode = jax.jit(lambda params, images: merged(params).encode(images))
+        self._cache_hq = jax.jit(lambda params, features: merged(params).cache_hq_features(features))
+        self._decode = jax.jit(partial(_decode, merged), static_argnames=("multimask_output", "hq_token_only"))
+        self._pi_base = jax.jit(lambda params, features, boxes: merged(params).pi_base(features, boxes))
         self._pi_refine = jax.jit(
-            lambda state, features, base, clicks: nnx.merge(graphdef, state).pi_refine(features, base, clicks)
+            lambda params, features, base, clicks: merged(params).pi_refine(features, base, clicks)
         )
         # Separate from the decoders, so a new image size recompiles two resizes, not a decoder.
-        self._to_original = jax.jit(
-            transforms.postprocess_masks, static_argnames=("input_size", "original_size", "size")
-        )
+        self._to_original = jax.jit(_to_original, static_argnames=("input_size", "original_size", "size", "logits"))
         self.reset_image()
 
     @property
@@ -84,7 +90,8 @@ class Predictor:
             image = image[..., ::-1]
         resized = transforms.resize_longest_side(image, self.image_size)
         model_input = transforms.preprocess(resized, self.image_size)
-        self.set_features(self._encode(self._state, jnp.asarray(model_input)[None]), image.shape[:2], resized.shape[:2])
+        features = self._encode(self._params, jnp.asarray(model_input)[None])
+        self.set_features(features, image.shape[:2], resized.shape[:2])
 
     def set_features(self, features: ImageFeatures, original_size: tuple[int, int],
                      input_size: tuple[int, int]) -> None:
@@ -94,7 +101,7 @@ class Predictor:
         Pi-SAM models compute their HQ features here, once for all the prompts that follow.
         """
         self.reset_image()
-        self.features = self._cache_hq(self._state, features)
+        self.features = self._cache_hq(self._params, features)
         self.original_size, self.input_size = tuple(original_size), tuple(input_size)
 
     def predict(
@@ -157,7 +164,7 @@ class Predictor:
         if mask_input is not None:
             mask_input = self._check_masks(mask_input).transpose(0, 2, 3, 1)[None]
         scores, low_res = self._decode(
-            self._state,
+            self._params,
             self.features,
             points,
             boxes,
@@ -165,15 +172,15 @@ class Predictor:
             multimask_output=multimask_output,
             hq_token_only=bool(hq_token_only),
         )
-        masks = np.asarray(self._upsample(low_res))
-        return (masks if return_logits else masks > 0.0), np.asarray(scores), np.asarray(low_res)
+        # Thresholded on the device (a bool is a quarter of a float32 to bring back), all fetched at once.
+        return jax.device_get((self._upsample(low_res, return_logits), scores, low_res))
 
     def _predict_pi(self, boxes: np.ndarray, return_logits: bool):
         boxes = transforms.apply_boxes(self._check_boxes(boxes), self.original_size, self.image_size)[None]
-        self.pi_base = self._pi_base(self._state, self.features, jnp.asarray(boxes))
-        masks = self._refine_to_original(None)
+        self.pi_base = self._pi_base(self._params, self.features, jnp.asarray(boxes))
+        masks, low_res = jax.device_get((self._refine_to_original(None, return_logits), self.pi_base.low_res))
         scores = np.full(masks.shape[:2], np.nan, np.float32)  # Pi-SAM has no mask-quality head
-        return (masks if return_logits else masks > 0.0), scores, np.asarray(self.pi_base.low_res)
+        return masks, scores, low_res
 
     def refine(self, clicks, return_logits: bool = False) -> np.ndarray:
         """Corrects the masks of the last ``predict`` / ``predict_batch`` with clicks (Pi-SAM models).
@@ -191,8 +198,8 @@ class Predictor:
         per_box = [clicks] if boxes == 1 and (not clicks or not isinstance(clicks[0][0], (list, tuple))) else clicks
         if len(per_box) != boxes:
             raise PromptError(f"give one list of clicks per box: {boxes} boxes, {len(per_box)} lists")
-        masks = self._refine_to_original(self._click_arrays(per_box) if any(len(c) for c in per_box) else None)
-        masks = masks if return_logits else masks > 0.0
+        clicks_in = self._click_arrays(per_box) if any(len(c) for c in per_box) else None
+        masks = jax.device_get(self._refine_to_original(clicks_in, return_logits))
         return masks[0] if boxes == 1 and per_box is not clicks else masks
 
     def _click_arrays(self, per_box) -> tuple[np.ndarray, np.ndarray]:
@@ -217,14 +224,14 @@ class Predictor:
         points[valid] = points[valid] * scale / self.image_size
         return points, labels
 
-    def _refine_to_original(self, clicks) -> np.ndarray:
-        return np.asarray(self._upsample(self._pi_refine(self._state, self.features, self.pi_base, clicks)))
+    def _refine_to_original(self, clicks, return_logits: bool) -> jax.Array:
+        return self._upsample(self._pi_refine(self._params, self.features, self.pi_base, clicks), return_logits)
 
-    def _upsample(self, logits: jax.Array) -> jax.Array:
-        """(..., h, w) logits in the padded model frame -> (..., H, W) at the original image size."""
-        return self._to_original(
-            logits, input_size=self.input_size, original_size=self.original_size, size=self.image_size
-        )
+    def _upsample(self, logits: jax.Array, return_logits: bool) -> jax.Array:
+        """(..., h, w) logits in the padded model frame -> (..., H, W) at the original image size: the logits, or
+        the masks (logits > 0) unless ``return_logits``."""
+        return self._to_original(logits, input_size=self.input_size, original_size=self.original_size,
+                                 size=self.image_size, logits=bool(return_logits))
 
     @staticmethod
     def _check_points(coords, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -269,12 +276,18 @@ def _check_image(image) -> np.ndarray:
     return image
 
 
-def _decode(graphdef, state, features, points, boxes, masks, *, multimask_output, hq_token_only):
+def _to_original(low_res, *, input_size, original_size, size, logits: bool):
+    """``transforms.postprocess_masks``, then the masks (logits > 0) unless ``logits``."""
+    masks = transforms.postprocess_masks(low_res, input_size, original_size, size)
+    return masks if logits else masks > 0.0
+
+
+def _decode(merged, params, features, points, boxes, masks, *, multimask_output, hq_token_only):
     """Prompt encoder + mask decoder for the prompts of one image: scores (P, C), low-res logits (P, C, h, w).
 
     The image axis is dropped inside the jit: indexing its outputs outside costs an op dispatch each.
     """
-    low_res, scores = nnx.merge(graphdef, state).decode(
+    low_res, scores = merged(params).decode(
         features, points=points, boxes=boxes, masks=masks,
         multimask_output=multimask_output, hq_token_only=hq_token_only,
     )  # fmt: skip

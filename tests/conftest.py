@@ -18,9 +18,18 @@ import pytest  # noqa: E402
 def tiny_sam(tmp_path_factory):
     """A tiny random SAM: (torch Sam, its official-format .pth, our converted model directory)."""
     from convert.sam import convert_sam
-    from tests.sam_reference import TINY, build_torch_sam, save_official
+    from references.sam import TINY, build_torch_sam, save_official
 
     root = tmp_path_factory.mktemp("tiny_sam")
     sam = build_torch_sam(**TINY)
     save_official(sam, root / "sam_tiny.pth")
     return sam, root / "sam_tiny.pth", convert_sam(root / "sam_tiny.pth", root / "converted")
+
+
+@pytest.fixture
+def accelerator_paths(monkeypatch):
+    """Runs the code paths written for GPUs and TPUs (whole-array attention, the HR head layer by layer, several
+    deformable-conv taps per step) on the CPU, where they are not the default (``modeling.common.CODE_PATHS``)."""
+    from pisam_jax.modeling import common
+
+    monkeypatch.setattr(common, "CODE_PATHS", "accelerator")

@@ -82,6 +82,38 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES.keys())
 def test_op_matches_torchvision(case):
+    compare_op(case)
+
+
+@pytest.mark.parametrize("case,taps_per_step", [("k3_pixel_borders", 3), ("k3_pixel_borders", 9),
+                                                ("stride2_pad2_dil2_groups2", 9), ("stride2_k7_groups4", 7),
+                                                ("k7_pixel_borders", 49)])
+def test_op_several_taps_per_step(case, taps_per_step):
+    """The accelerators' tap loop: several taps sampled per step (all of them at 9 and 49)."""
+    compare_op(case, taps_per_step)
+
+
+def test_taps_per_step_must_divide_the_taps():
+    x, offset, mask, weight = (np.zeros(s, np.float32) for s in ((1, 5, 5, 2), (1, 5, 5, 18), (1, 5, 5, 9), (3, 3, 2, 2)))
+    with pytest.raises(ValueError, match="taps_per_step \\(4\\) must divide the 9 kernel taps"):
+        deform_conv2d(x, offset, mask, weight, padding=1, taps_per_step=4)
+
+
+def test_taps_per_step_by_code_path(monkeypatch):
+    """CPU: one tap per step. Accelerators: as many taps as keep a step's corners within STEP_BYTES (here a 7x7
+    kernel on a 256^2 x 32 fp32 map: 33.5 MB of corners a tap, so 7 taps of 49 per step), all of them when small."""
+    from pisam_jax.modeling import common
+    from pisam_jax.ops import deform_conv as op
+
+    big, small = jnp.zeros((1, 256, 256, 32)), jnp.zeros((1, 64, 64, 32))
+    assert op._default_taps_per_step(big, 49, 256 * 256) == 1
+    monkeypatch.setattr(common, "CODE_PATHS", "accelerator")
+    assert op._default_taps_per_step(big, 49, 256 * 256) == 7
+    assert op._default_taps_per_step(small, 49, 64 * 64) == 49
+    assert op._default_taps_per_step(big.astype(jnp.bfloat16), 9, 256 * 256) == 9
+
+
+def compare_op(case: str, taps_per_step: int | None = None):
     batch, cin, cout, h, w, k, stride, padding, dilation, groups, scale, border, use_mask = CASES[case]
     rng = np.random.default_rng(zlib.crc32(case.encode()))
     x, offset, mask, weight = make_inputs(rng, batch, cin, cout, h, w, k, stride, padding, dilation, groups, scale, border)
@@ -101,9 +133,8 @@ def test_op_matches_torchvision(case):
     (ref, ref_grads), (exact, exact_grads) = runs
 
     def f(x, offset, mask, weight, bias):
-        return deform_conv2d(
-            x, offset, mask if use_mask else None, weight, bias, stride=stride, padding=padding, dilation=dilation
-        )
+        return deform_conv2d(x, offset, mask if use_mask else None, weight, bias, stride=stride, padding=padding,
+                             dilation=dilation, taps_per_step=taps_per_step)
 
     args = (nchw_to_nhwc(x), nchw_to_nhwc(offset), nchw_to_nhwc(mask), oihw_to_hwio(weight), bias.detach().numpy())
     out, vjp = jax.vjp(jax.jit(f), *args)

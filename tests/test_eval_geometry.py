@@ -4,7 +4,7 @@ Ours is ``eval.py``'s path: ``evaluation.loop.evaluate_dataset`` with a ``BoxSeg
 which writes 0/255 PNGs. The torch side is written from the spec: the PNGs read as float, image and GT
 ``F.interpolate``d to 1024^2 (bilinear, align_corners=False) and never rounded, SAM's normalisation, the box from
 torchvision ``masks_to_boxes(gt > 128)``, the torch SAM encoder and the Pi-SAM reference decoder of
-``tests/pisam_reference.py`` (random weights, real 1024 geometry, 2 narrow ViT blocks), the 1024^2 logits
+``references/pisam.py`` (random weights, real 1024 geometry, 2 narrow ViT blocks), the 1024^2 logits
 ``F.interpolate``d back to H x W and thresholded at 0. Non-square images, one side above 1024 (a downsampling
 stretch), with antialiased (soft-edged) ground truths, so that a rounded image or a rounded GT shows.
 Also: ``Predictor.set_image``'s float input.
@@ -29,8 +29,8 @@ from pisam_jax.evaluation import loop
 from pisam_jax.evaluation.segmenter import BoxSegmenter
 from pisam_jax.models import load_model
 from pisam_jax.predictor import PromptError
-from tests.pisam_reference import MaskDecoderAE, interact, perturb_, seed42_rgb_embed, torch_encode
-from tests.sam_reference import build_torch_sam, save_official
+from references.pisam import MaskDecoderAE, interact, perturb_, seed42_rgb_embed, torch_encode
+from references.sam import build_torch_sam, save_official
 
 SMALL_1024 = dict(image_size=1024, embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=14)
 SIZES = [(384, 1100), (1100, 640)]  # (H, W): stretched up in one axis and down in the other

@@ -36,7 +36,7 @@ def data_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_hq(tmp_path_factory):
     from convert.hq_sam import convert_hq_sam
-    from tests.hq_reference import TINY, build_torch_hq_sam, save_official
+    from references.hq import TINY, build_torch_hq_sam, save_official
 
     root = tmp_path_factory.mktemp("tiny_hq_eval")
     save_official(build_torch_hq_sam(**TINY, seed=1), root / "sam_hq_tiny.pth")
@@ -342,7 +342,7 @@ def test_pi_model_through_the_click_protocol(data_root, tmp_path):
 
     from convert.pisam import convert_pisam
     from pisam_jax.evaluation import interactive
-    from tests.sam_reference import build_torch_sam, save_official
+    from references.sam import build_torch_sam, save_official
     from tests.test_pi_decoder import SMALL_1024, build_reference
 
     sam = build_torch_sam(**SMALL_1024)

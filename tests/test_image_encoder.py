@@ -26,8 +26,8 @@ from segment_anything.modeling import image_encoder as ref_lib
 from convert.keymap import load_torch_weights
 from pisam_jax.modeling import image_encoder as ours_lib
 from pisam_jax.modeling.image_encoder import ENCODER_CONFIGS, ImageEncoderViT
+from references.sam import expose_layer_norm_2d_eps_
 from tests.parity import assert_as_accurate, float64
-from tests.sam_reference import expose_layer_norm_2d_eps_
 
 
 # --------------------------------------------------------------------------------------
@@ -186,6 +186,24 @@ def test_attention_matches_torch(size, query_chunk, rows):
     assert_as_accurate(f"attention {size} chunk {query_chunk}", jit_apply(ours, x.numpy()), *torch_module(ref, x))
 
 
+@pytest.mark.parametrize("size", [(6, 9), (20, 2)])
+def test_fused_attention_matches_torch(size, accelerator_paths, monkeypatch):
+    """The accelerator path: every query at once through ``jax.nn.dot_product_attention``, rel-pos as its bias."""
+    calls = []
+    fused = ours_lib._attend_fused
+    monkeypatch.setattr(ours_lib, "_attend_fused", lambda *a: calls.append(a[0].shape) or fused(*a))
+    torch.manual_seed(3)
+    ref = ref_lib.Attention(48, num_heads=3, use_rel_pos=True, input_size=size).eval()
+    randomise_(ref, 4)
+    ours = nnx.eval_shape(lambda: ours_lib.Attention(48, num_heads=3, use_rel_pos=True, input_size=size,
+                                                     rngs=nnx.Rngs(0)))
+    load_torch_weights(ours, ref.state_dict())
+    x = torch.randn(2, *size, 48)
+    y = jit_apply(ours, x.numpy())
+    assert calls == [(2, *size, 3, 16)]  # one call, every query
+    assert_as_accurate(f"fused attention {size}", y, *torch_module(ref, x))
+
+
 @pytest.mark.parametrize("window_size", [0, 4, 5])
 def test_block_matches_torch(window_size):
     """Global, windowed without padding (12 = 3*4) and windowed with padding (12 -> 15)."""
@@ -214,6 +232,12 @@ def test_encoder_small_padded_windows():
     """256 / 16 = 16 tokens, window 6 -> padded to 18; two global blocks, their attention in 16 bands of one row."""
     cfg = dict(img_size=256, embed_dim=96, depth=4, num_heads=4, out_chans=48, window_size=6, global_attn_indexes=(1, 3))
     compare_encoders("256/w6", cfg, batch=2, seed=20, ours_kw=dict(attn_query_chunk=16))
+
+
+def test_encoder_small_accelerator_paths(accelerator_paths):
+    """The configuration above on the accelerator path (one attention per block, windows and global alike)."""
+    cfg = dict(img_size=256, embed_dim=96, depth=4, num_heads=4, out_chans=48, window_size=6, global_attn_indexes=(1, 3))
+    compare_encoders("256/w6 accelerator", cfg, batch=2, seed=20)
 
 
 def test_encoder_rel_pos_interpolation():

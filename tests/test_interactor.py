@@ -1,6 +1,6 @@
 """Pi-SAM's Precise Interactor (``interact_2``) against the PyTorch reference written from the spec.
 
-The reference (tests/pisam_reference_interactor.py) has random weights with perturbed LayerNorms and a
+The reference (references/pisam_interactor.py) has random weights with perturbed LayerNorms and a
 NON-zero ``out_cov`` (its zero init would hide everything); its state_dict is converted with the
 generic ``load_torch_weights`` and the outputs compared at fp32 against the reference's own fp32 error, measured
 with a float64 copy (tests/parity.py).
@@ -24,9 +24,9 @@ from pisam_jax.modeling.interactor import (
     point_sample,
 )
 from pisam_jax.modeling.transformer import Attention
-from tests import pisam_reference_interactor as ref_mod
+from references import pisam_interactor as ref_mod
+from references.sam import expose_layer_norm_2d_eps_
 from tests.parity import assert_as_accurate, float64, reference_in_float64
-from tests.sam_reference import expose_layer_norm_2d_eps_
 
 def _randomise(ref: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Perturbs every LayerNorm(2d), gives ``out_cov`` non-zero weights (so nothing hides) and scales the convs

@@ -20,8 +20,8 @@ from convert.keymap import load_torch_weights
 from pisam_jax.modeling.mask_decoder import MaskDecoder
 from pisam_jax.modeling.prompt_encoder import PromptEncoder
 from pisam_jax.modeling.transformer import TwoWayTransformer
+from references.sam import expose_layer_norm_2d_eps_
 from tests.parity import assert_as_accurate, float64, reference_in_float64
-from tests.sam_reference import expose_layer_norm_2d_eps_
 
 # The IoU scores are a handful of values (one per mask): too few for the reference's error on them to be a scale.
 # They come out of the whole decoder and a 256-term dot product that cancels (|IoU| ~ 0.05 from terms up to ~1), so

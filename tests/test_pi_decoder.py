@@ -1,6 +1,6 @@
 """Pi-SAM's decoder: reference layout, RGB embedding, convert.pisam, and fp32 parity with the PyTorch reference.
 
-The reference (``tests/pisam_reference.py``, written from PISAM_SPEC.md) gets random weights with nothing trivially
+The reference (``references/pisam.py``, written from PISAM_SPEC.md) gets random weights with nothing trivially
 zero (perturbed LayerNorms, non-zero DCN offset/modulator convs and interactor ``out_cov``), is saved in the
 official key layout (188 keys stage 1, 270 stage 2, raw or under ``model_state_dict``), converted together with a
 small SAM at the real 1024 input (Pi-SAM's decoder assumes 64^2 embeddings and 256^2 / 1024^2 outputs), and
@@ -32,6 +32,15 @@ from convert.pisam import RGB_FINGERPRINTS, check_rgb_fingerprints, convert_pisa
 from pisam_jax.modeling import pi_decoder
 from pisam_jax.models import ModelConfig, abstract_model, load_model
 from pisam_jax.overlay import BACKGROUND, FOREGROUND
+from references.pisam import (
+    VIT_CONFIGS,
+    MaskDecoderAE,
+    count,
+    perturb_,
+    torch_encode,
+)
+from references.pisam import seed42_rgb_embed as torch_seed42_rgb_embed
+from references.sam import build_torch_sam, expose_layer_norm_2d_eps_, save_official
 from tests.parity import (
     assert_as_accurate,
     assert_near,
@@ -40,15 +49,6 @@ from tests.parity import (
     logit_band,
     reference_in_float64,
 )
-from tests.pisam_reference import (
-    VIT_CONFIGS,
-    MaskDecoderAE,
-    count,
-    perturb_,
-    torch_encode,
-)
-from tests.pisam_reference import seed42_rgb_embed as torch_seed42_rgb_embed
-from tests.sam_reference import build_torch_sam, expose_layer_norm_2d_eps_, save_official
 
 # A SAM at Pi-SAM's real geometry (1024 input, 64^2 embedding) but 2 narrow blocks: cheap on two CPU cores.
 SMALL_1024 = dict(image_size=1024, embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=14)
@@ -347,9 +347,9 @@ def _reference_head(ref, e, rgb, dtype):
 
 @pytest.mark.parametrize("band_rows", [64, 1024])
 def test_head_matches_the_reference(setup, head_case, monkeypatch, band_rows):
-    """The HR head's functional forward (bands of output rows on CPU, one band elsewhere), and the plain
-    layer-by-layer form, are the reference's head, for a batch sharing one RGB embedding; so are their gradients
-    (the head trains in both stages)."""
+    """The HR head's functional forward (bands of output rows on CPU), the accelerators' form (``_head_layers``)
+    and the plain layer-by-layer form are the reference's head, for a batch sharing one RGB embedding; so are
+    their gradients (the head trains in both stages)."""
     monkeypatch.setattr(pi_decoder, "HEAD_BAND_ROWS", band_rows)
     graphdef, state, e, rgb = head_case
     # E at 64^2 (head output 256^2): 4 bands of 64 rows, or one (1024 rows do not divide 256).
@@ -358,12 +358,15 @@ def test_head_matches_the_reference(setup, head_case, monkeypatch, band_rows):
     def banded(state, e):
         return nnx.merge(graphdef, state).head(e, rgb)
 
+    def accelerator(state, e):
+        return nnx.merge(graphdef, state)._head_layers(e, rgb)
+
     def layers(state, e):
         d = nnx.merge(graphdef, state)
         return d.out_act(d.output_upscaling_2(e) + rgb).transpose(0, 3, 1, 2)
 
     names = torch_names(nnx.merge(graphdef, state))
-    for form, f in (("banded", banded), ("layer by layer", layers)):
+    for form, f in (("banded", banded), ("accelerator", accelerator), ("layer by layer", layers)):
         assert_as_accurate(f"{form} head", jax.jit(f)(state, e), expected[0][0], expected[1][0])
         grads = jax.jit(jax.grad(lambda s, e: jnp.mean(jnp.tanh(f(s, e))), argnums=(0, 1)))(state, e)
         assert_as_accurate(f"{form} head d/dE", grads[1], expected[0][2], expected[1][2])

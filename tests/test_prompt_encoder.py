@@ -18,8 +18,8 @@ from segment_anything.modeling.common import LayerNorm2d as TorchLayerNorm2d
 
 from convert.keymap import load_torch_weights
 from pisam_jax.modeling.prompt_encoder import PromptEncoder
+from references.sam import expose_layer_norm_2d_eps_
 from tests.parity import FACTOR, assert_as_accurate, float64, reference_in_float64
-from tests.sam_reference import expose_layer_norm_2d_eps_
 
 
 def _build(embed_dim, emb_size, in_size, mask_in_chans, seed=0):

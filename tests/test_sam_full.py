@@ -13,8 +13,8 @@ from convert.keymap import torch_names
 from convert.sam import convert_sam
 from pisam_jax.models import ModelConfig, load_model
 from pisam_jax.predictor import Predictor
+from references.sam import build_torch_sam, expose_layer_norm_2d_eps_, save_official
 from tests.parity import assert_as_accurate, assert_same_masks, float64, logit_band, reference_in_float64
-from tests.sam_reference import build_torch_sam, expose_layer_norm_2d_eps_, save_official
 
 pytestmark = pytest.mark.heavy
 

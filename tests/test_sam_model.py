@@ -17,8 +17,8 @@ from convert.sam import convert_sam
 from pisam_jax import transforms
 from pisam_jax.models import ModelError, load_model
 from pisam_jax.predictor import Predictor, PromptError
+from references.sam import TINY, build_torch_sam, expose_layer_norm_2d_eps_, save_official
 from tests.parity import assert_as_accurate, assert_same_masks, float64, logit_band, reference_in_float64
-from tests.sam_reference import TINY, build_torch_sam, expose_layer_norm_2d_eps_, save_official
 
 # The IoU scores are a handful of values (one per mask): too few for the reference's error on them to be a scale.
 # They come out of the whole decoder and a 256-term dot product that cancels (|IoU| ~ 0.05 from terms up to ~1), so

@@ -85,11 +85,12 @@ class BoxSegmenter:
         self.original_size: tuple[int, int] | None = None
 
     @classmethod
-    def load(cls, model_dir: str | os.PathLike, **kw) -> "BoxSegmenter":
+    def load(cls, model_dir: str | os.PathLike, *, dtype: str | None = None, **kw) -> "BoxSegmenter":
+        """``dtype``: the compute dtype, "float32" (default) or "bfloat16" (``load_model``)."""
         from pisam_jax.models import load_model
 
         kw.setdefault("name", model_name(model_dir))
-        return cls(load_model(model_dir), **kw)
+        return cls(load_model(model_dir, dtype=dtype), **kw)
 
     @property
     def is_pi(self) -> bool:
@@ -100,10 +101,13 @@ class BoxSegmenter:
         """What determines the predictions (recorded beside them so a resume never mixes settings).
 
         ``float_resize``: the stretched image and the resized GT are not rounded (spec 7.2); predictions saved
-        before that (which lack the key) are not resumed.
+        before that (which lack the key) are not resumed. ``dtype``: the compute dtype, recorded when it is not
+        float32 (so float32 runs resume the records made before the key existed).
         """
+        dtype = getattr(self.model, "compute_dtype", "float32")
         return dict(decoder=self.decoder, geometry=self.geometry, image_size=self.size,
-                    hq_token_only=self.hq_token_only, multimask_output=False, float_resize=True)
+                    hq_token_only=self.hq_token_only, multimask_output=False, float_resize=True,
+                    **({} if dtype == "float32" else {"dtype": dtype}))
 
     # ------------------------------------------------------------------ image and box
 

@@ -21,6 +21,24 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+# Which code paths run where they differ: "cpu", written for XLA:CPU (work in cache-sized bands and sequential
+# steps), or "accelerator" (whole arrays, fused kernels: cuDNN attention, all taps of a deformable conv at once).
+# None picks by the default backend; the tests set "accelerator" to check those paths on the CPU.
+CODE_PATHS: str | None = None
+
+
+def cpu_paths() -> bool:
+    """Whether the XLA:CPU code paths run (``CODE_PATHS``)."""
+    if CODE_PATHS is not None:
+        return CODE_PATHS == "cpu"
+    return jax.default_backend() == "cpu"
+
+
+def cast(x: jax.Array, dtype) -> jax.Array:
+    """``x`` in a layer's compute dtype; None (the fp32 default) leaves it as it is (``modeling/precision.py``)."""
+    return x if dtype is None else x.astype(dtype)
+
+
 def gelu(x: jax.Array) -> jax.Array:
     """``torch.nn.GELU()``, the exact GELU, in torch's form x (1 + erf(x / sqrt 2)) / 2.
 
@@ -110,7 +128,7 @@ class ConvTranspose2x2(nnx.Module):
     """``torch.nn.ConvTranspose2d(in, out, kernel_size=2, stride=2)``: each input pixel writes a 2x2 block.
 
     kernel (in, 2, 2, out): the torch weight (in, out, kh, kw) with axes (0, 2, 3, 1).
-    (B, H, W, in) -> (B, 2H, 2W, out).
+    (B, H, W, in) -> (B, 2H, 2W, out). ``dtype``: the compute dtype, as ``nnx.Conv``'s.
     """
 
     def __init__(self, in_channels: int, out_channels: int, *, rngs: nnx.Rngs):
@@ -118,11 +136,12 @@ class ConvTranspose2x2(nnx.Module):
         init = torch_uniform(1.0 / math.sqrt(out_channels * 4))
         self.kernel = nnx.Param(init(rngs.params(), (in_channels, 2, 2, out_channels)))
         self.bias = nnx.Param(init(rngs.params(), (out_channels,)))
+        self.dtype = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, _ = x.shape
-        y = jnp.einsum("nhwi,iabo->nhawbo", x, self.kernel[...])
-        return y.reshape(n, 2 * h, 2 * w, -1) + self.bias[...]
+        y = jnp.einsum("nhwi,iabo->nhawbo", cast(x, self.dtype), cast(self.kernel[...], self.dtype))
+        return y.reshape(n, 2 * h, 2 * w, -1) + cast(self.bias[...], self.dtype)
 
 
 class MLPBlock(nnx.Module):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pisam_jax.modeling.common import Conv2d
+from pisam_jax.modeling.common import Conv2d, cast
 from pisam_jax.ops.deform_conv import deform_conv2d
 
 
@@ -17,6 +17,9 @@ class DeformableConv2d(nnx.Module):
     ``regular_conv.weight`` and ``regular_conv.bias`` only with ``use_bias``). The offset and modulator convs
     start at zero, so the offsets are 0 and the modulation 2*sigmoid(0) = 1: at init the layer is the plain
     convolution ``regular_conv``. (B, H, W, in_channels) -> (B, Ho, Wo, out_channels).
+
+    In a bfloat16 model (``modeling/precision.py``) the samples and ``regular_conv``'s kernel are bfloat16, the
+    offsets and modulation float32, the blend and the sum over taps and channels float32.
     """
 
     def __init__(
@@ -46,12 +49,13 @@ class DeformableConv2d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         offset = self.offset_conv(x)  # (B, Ho, Wo, 2*k*k), torchvision's [tap][dy, dx] order
         mask = 2.0 * jax.nn.sigmoid(self.modulator_conv(x))  # (B, Ho, Wo, k*k)
-        bias = self.regular_conv.bias[...] if self.regular_conv.bias is not None else None
+        dtype = self.regular_conv.dtype
+        bias = cast(self.regular_conv.bias[...], dtype) if self.regular_conv.bias is not None else None
         return deform_conv2d(
-            x,
+            cast(x, dtype),
             offset,
             mask,
-            self.regular_conv.kernel[...],
+            cast(self.regular_conv.kernel[...], dtype),
             bias,
             stride=self.stride,
             padding=self.padding,

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pisam_jax.modeling.common import Conv2d, LayerNorm, LayerNorm2d, Linear, MLPBlock, Sequential
+from pisam_jax.modeling import common
+from pisam_jax.modeling.common import Conv2d, LayerNorm, LayerNorm2d, Linear, MLPBlock, Sequential, cast
 
 # Presets of the official checkpoints; the rest of the arguments are the defaults below.
 ENCODER_CONFIGS = {
@@ -127,32 +128,59 @@ class PatchEmbed(nnx.Module):
 
 
 def _attend_rows(q: jax.Array, k: jax.Array, v: jax.Array, rh: jax.Array | None, rw: jax.Array | None, scale: float):
-    """Attention of a band of query rows over the whole key grid.
+    """Attention of a band of query rows over the whole key grid (the CPU path).
 
     q (B, n, r, W, d): r query rows; k, v (B, n, Hk*Wk, d); rh (r, Hk, d) and rw (W, Wk, d) the
     relative-position embeddings of those rows (None without relative positions). Returns (B, n, r*W, d).
-    Same operations, in the same order, as the reference: softmax((q*scale) k^T + rel_h + rel_w) v.
+    Same operations, in the same order, as the reference: softmax((q*scale) k^T + rel_h + rel_w) v; the logits
+    and the softmax in float32 whatever the compute dtype of q, k, v.
     """
     b, n, r, w, d = q.shape
-    attn = jnp.einsum("bnrwd,bnkd->bnrwk", q * scale, k)  # (B, n, r, W, Hk*Wk)
+    f32 = jnp.float32
+    attn = jnp.einsum("bnrwd,bnkd->bnrwk", q * scale, k, preferred_element_type=f32)  # (B, n, r, W, Hk*Wk)
     if rh is not None:
         hk, wk = rh.shape[1], rw.shape[1]
-        rel_h = jnp.einsum("bnrwd,rkd->bnrwk", q, rh)
-        rel_w = jnp.einsum("bnrwd,wkd->bnrwk", q, rw)
+        rel_h = jnp.einsum("bnrwd,rkd->bnrwk", q, rh.astype(q.dtype), preferred_element_type=f32)
+        rel_w = jnp.einsum("bnrwd,wkd->bnrwk", q, rw.astype(q.dtype), preferred_element_type=f32)
         attn = attn.reshape(b, n, r, w, hk, wk) + rel_h[..., :, None] + rel_w[..., None, :]
         attn = attn.reshape(b, n, r, w, hk * wk)
-    attn = jax.nn.softmax(attn, axis=-1)
+    attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
     return jnp.einsum("bnrwk,bnkd->bnrwd", attn, v).reshape(b, n, r * w, d)
+
+
+def _attend_fused(q: jax.Array, k: jax.Array, v: jax.Array, rh: jax.Array | None, rw: jax.Array | None,
+                  scale: float) -> jax.Array:
+    """All queries at once through ``jax.nn.dot_product_attention`` (the accelerator path), the decomposed
+    relative positions as its bias: cuDNN's fused attention on NVIDIA GPUs in bfloat16, XLA's otherwise.
+
+    q, k, v (B, H, W, n, d) -> (B, H*W, n, d). The bias rel_h + rel_w (B, n, H*W, H*W) is computed in float32
+    and given in the compute dtype (cuDNN takes it in q's); logits and softmax are float32 in both kernels.
+    """
+    b, h, w, n, d = q.shape
+    q, k, v = (t.reshape(b, h * w, n, d) for t in (q, k, v))
+    bias = None
+    if rh is not None:
+        qg = q.reshape(b, h, w, n, d)
+        rel_h = jnp.einsum("bhwnd,hkd->bnhwk", qg, rh.astype(q.dtype), preferred_element_type=jnp.float32)
+        rel_w = jnp.einsum("bhwnd,wkd->bnhwk", qg, rw.astype(q.dtype), preferred_element_type=jnp.float32)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, n, h * w, -1).astype(q.dtype)
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, bias, scale=scale, implementation="cudnn")
+        except (NotImplementedError, RuntimeError):  # outside cuDNN's limits (GPU, head dim, version): XLA's
+            pass
+    return jax.nn.dot_product_attention(q, k, v, bias, scale=scale, implementation="xla")
 
 
 class Attention(nnx.Module):
     """Multi-head attention over a (B, H, W, C) grid with decomposed relative positions (MViTv2).
 
-    Grids of more than ``8 * query_chunk`` tokens (SAM's global blocks: 64x64 = 4096) are processed in
-    bands of at most ``query_chunk`` query tokens (whole rows, ``lax.map``), so the (heads, queries, keys)
-    score matrix is never materialised whole: the same arithmetic per query, with a working set that
-    stays in cache instead of multi-GB buffers (4x faster on CPU). Windows (14x14) are not chunked;
-    ``query_chunk=0`` disables chunking.
+    On CPU (``common.cpu_paths``), grids of more than ``8 * query_chunk`` tokens (SAM's global blocks:
+    64x64 = 4096) are processed in bands of at most ``query_chunk`` query tokens (whole rows, ``lax.map``),
+    so the (heads, queries, keys) score matrix is never materialised whole: the same arithmetic per query,
+    with a working set that stays in cache instead of multi-GB buffers (4x faster on CPU). Windows (14x14)
+    are not chunked; ``query_chunk=0`` disables chunking. Elsewhere every attention is one
+    ``jax.nn.dot_product_attention`` (:func:`_attend_fused`).
     """
 
     def __init__(
@@ -189,16 +217,20 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, _ = x.shape
         n = self.num_heads
+        rh = rw = None
+        if self.use_rel_pos:
+            rh = get_rel_pos(h, h, self.rel_pos_h[...])  # (H, Hk, d)
+            rw = get_rel_pos(w, w, self.rel_pos_w[...])  # (W, Wk, d)
+        if not common.cpu_paths():
+            qkv = self.qkv(x).reshape(b, h, w, 3, n, -1)  # (B, H, W, 3, n, d)
+            out = _attend_fused(qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2], rh, rw, self.scale)
+            return self.proj(out.reshape(b, h, w, -1))
+
         # (B, H*W, 3, n, d) -> (3, B, n, H*W, d)
         qkv = self.qkv(x).reshape(b, h * w, 3, n, -1).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         d = q.shape[-1]
         q = q.reshape(b, n, h, w, d)
-        rh = rw = None
-        if self.use_rel_pos:
-            rh = get_rel_pos(h, h, self.rel_pos_h[...])  # (H, Hk, d)
-            rw = get_rel_pos(w, w, self.rel_pos_w[...])  # (W, Wk, d)
-
         r = self._rows_per_chunk(h, w)
         if r == h:
             out = _attend_rows(q, k, v, rh, rw, self.scale)
@@ -248,7 +280,7 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         shortcut = x
-        x = self.norm1(x)
+        x = cast(self.norm1(x), self.attn.qkv.dtype)  # cut into windows in the compute dtype (bf16: half the bytes)
         if self.window_size > 0:
             h, w = x.shape[1], x.shape[2]
             x, pad_hw = window_partition(x, self.window_size)

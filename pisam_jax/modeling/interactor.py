@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pisam_jax.modeling.common import MLP, Buffer, Conv2d, LayerNorm, LayerNorm2d, Sequential, relu
+from pisam_jax.modeling.common import MLP, Buffer, Conv2d, LayerNorm, LayerNorm2d, Sequential, cast, relu
 from pisam_jax.modeling.prompt_encoder import PositionEmbeddingRandom, _embedding
 from pisam_jax.modeling.transformer import Attention
 
@@ -77,19 +77,23 @@ def attend_to_tokens(attn: Attention, image: jax.Array, tokens: jax.Array,
     q_proj is folded into the keys and out_proj into the values, so a pixel costs two thin matmuls
     (C -> T logits, T -> C output) instead of two C x C projections on top.
     image (B, N, C), tokens (B, T, C), key_mask (B, T) True = masked, as :class:`Attention` -> (B, N, C).
+    The per-pixel products run in the projections' compute dtype; logits and softmax in float32.
     """
     h = attn.num_heads
+    dtype = attn.q_proj.dtype
     wq = attn.q_proj.kernel[...]
     c, d = wq.shape[0], wq.shape[1] // h
-    k = attn.k_proj(tokens).reshape(*tokens.shape[:2], h, d) / math.sqrt(d)
-    v = attn.v_proj(tokens).reshape(*tokens.shape[:2], h, d)
+    k = attn.k_proj(tokens).reshape(*tokens.shape[:2], h, d).astype(jnp.float32) / math.sqrt(d)
+    v = attn.v_proj(tokens).reshape(*tokens.shape[:2], h, d).astype(jnp.float32)
     wk = jnp.einsum("chd,bthd->bcht", wq.reshape(c, h, d), k)  # (B, C, h, T)
     bk = jnp.einsum("hd,bthd->bht", attn.q_proj.bias[...].reshape(h, d), k)
-    logits = jnp.einsum("bnc,bcht->bhnt", image, wk) + bk[:, :, None]
+    logits = jnp.einsum("bnc,bcht->bhnt", cast(image, dtype), cast(wk, dtype), preferred_element_type=jnp.float32)
+    logits = logits + bk[:, :, None]
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, None, :], jnp.finfo(logits.dtype).min, logits)
     vo = jnp.einsum("bthd,hdc->bhtc", v, attn.out_proj.kernel[...].reshape(h, d, -1))  # (B, h, T, C)
-    return jnp.einsum("bhnt,bhtc->bnc", jax.nn.softmax(logits, axis=-1), vo) + attn.out_proj.bias[...]
+    weights = cast(jax.nn.softmax(logits, axis=-1), dtype)
+    return jnp.einsum("bhnt,bhtc->bnc", weights, cast(vo, dtype)) + cast(attn.out_proj.bias[...], dtype)
 
 
 def attend_to_image(attn: Attention, tokens: jax.Array, image: jax.Array) -> jax.Array:
@@ -97,16 +101,20 @@ def attend_to_image(attn: Attention, tokens: jax.Array, image: jax.Array) -> jax
 
     k_proj is folded into the queries, and v_proj is applied after the weighted sum over the pixels (the
     weights of a query sum to 1, so its bias passes through).
-    tokens (B, T, C), image (B, N, C) -> (B, T, C).
+    tokens (B, T, C), image (B, N, C) -> (B, T, C). The per-pixel products run in the projections' compute
+    dtype with float32 sums; logits and softmax in float32.
     """
     h = attn.num_heads
+    dtype = attn.k_proj.dtype
     wk = attn.k_proj.kernel[...]
     c, d = wk.shape[0], wk.shape[1] // h
-    q = attn.q_proj(tokens).reshape(*tokens.shape[:2], h, d) / math.sqrt(d)
+    q = attn.q_proj(tokens).reshape(*tokens.shape[:2], h, d).astype(jnp.float32) / math.sqrt(d)
     qk = jnp.einsum("bthd,chd->bhtc", q, wk.reshape(c, h, d))
     qb = jnp.einsum("bthd,hd->bht", q, attn.k_proj.bias[...].reshape(h, d))
-    weights = jax.nn.softmax(jnp.einsum("bhtc,bnc->bhtn", qk, image) + qb[..., None], axis=-1)
-    mixed = jnp.einsum("bhtn,bnc->bhtc", weights, image)
+    image = cast(image, dtype)
+    logits = jnp.einsum("bhtc,bnc->bhtn", cast(qk, dtype), image, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits + qb[..., None], axis=-1)
+    mixed = jnp.einsum("bhtn,bnc->bhtc", cast(weights, dtype), image, preferred_element_type=jnp.float32)
     v = jnp.einsum("bhtc,chd->bthd", mixed, attn.v_proj.kernel[...].reshape(c, h, d))
     return attn.out_proj((v + attn.v_proj.bias[...].reshape(h, d)).reshape(*tokens.shape[:2], h * d))
 

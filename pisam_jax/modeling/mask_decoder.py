@@ -94,26 +94,28 @@ class MaskDecoder(nnx.Module):
         """(B, H, W, C) -> (B, 4H, 4W, C/8)."""
         return self.output_upscaling(src)
 
-    def _hyper_in(self, mask_tokens_out: jax.Array) -> jax.Array:
-        """Mask-token outputs (B, M, C) -> hypernetwork weights (B, M, C/8), one MLP per token."""
-        return jnp.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], axis=1
-        )
+    def _hyper_in(self, mask_tokens_out: jax.Array, which: slice = slice(None)) -> jax.Array:
+        """Mask-token outputs (B, M, C) -> hypernetwork weights (B, m, C/8) of the tokens ``which`` selects (all
+        by default), one MLP per token."""
+        mlps = list(self.output_hypernetworks_mlps)
+        return jnp.stack([mlps[i](mask_tokens_out[:, i]) for i in range(len(mlps))[which]], axis=1)
 
     @staticmethod
     def _hyper_masks(hyper_in: jax.Array, upscaled: jax.Array) -> jax.Array:
-        """Per-pixel dot product: hyper_in (B, M, c) . upscaled (B, h, w, c) -> mask logits (B, M, h, w)."""
-        return jnp.einsum("bmc,bhwc->bmhw", hyper_in, upscaled)
+        """Per-pixel dot product: hyper_in (B, M, c) . upscaled (B, h, w, c) -> mask logits (B, M, h, w), float32
+        (bfloat16 operands, float32 sums in a bfloat16 model)."""
+        dtype = jnp.promote_types(hyper_in.dtype, upscaled.dtype)
+        return jnp.einsum("bmc,bhwc->bmhw", hyper_in.astype(dtype), upscaled.astype(dtype),
+                          preferred_element_type=jnp.float32)
 
     def _iou(self, iou_token_out: jax.Array) -> jax.Array:
-        """(B, C) -> predicted IoU per mask token, (B, M)."""
-        return self.iou_prediction_head(iou_token_out)
+        """(B, C) -> predicted IoU per mask token, (B, M), float32."""
+        return self.iou_prediction_head(iou_token_out).astype(jnp.float32)
 
     @staticmethod
-    def _select(masks: jax.Array, iou_pred: jax.Array, multimask_output: bool) -> tuple[jax.Array, jax.Array]:
-        """Keeps masks 1.. (multimask) or mask 0 (single), as SAM does."""
-        sl = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, sl], iou_pred[:, sl]
+    def _selected(multimask_output: bool) -> slice:
+        """The mask tokens SAM outputs: 1.. (multimask) or 0 (single)."""
+        return slice(1, None) if multimask_output else slice(0, 1)
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -123,13 +125,15 @@ class MaskDecoder(nnx.Module):
         image_pe: jax.Array,
         sparse_prompt_embeddings: jax.Array,
         dense_prompt_embeddings: jax.Array,
+        which: slice = slice(None),
     ) -> tuple[jax.Array, jax.Array]:
-        """All mask tokens: masks (B, M, 4H, 4W) logits and iou_pred (B, M)."""
+        """The masks of the mask tokens ``which`` selects (all by default): masks (B, m, 4H, 4W) logits, and
+        iou_pred (B, M) of every token."""
         tokens = self._tokens(sparse_prompt_embeddings)
         hs, src = self._run_transformer(image_embeddings, image_pe, tokens, dense_prompt_embeddings)
         iou_token_out = hs[:, 0]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
-        masks = self._hyper_masks(self._hyper_in(mask_tokens_out), self._upscale(src))
+        masks = self._hyper_masks(self._hyper_in(mask_tokens_out, which), self._upscale(src))
         return masks, self._iou(iou_token_out)
 
     def __call__(
@@ -152,7 +156,8 @@ class MaskDecoder(nnx.Module):
         Returns:
           masks (B, 3 or 1, 4H, 4W) logits (channel-first, SAM's output contract) and iou_pred (B, 3 or 1).
         """
+        which = self._selected(multimask_output)  # only these masks are computed
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, which
         )
-        return self._select(masks, iou_pred, multimask_output)
+        return masks, iou_pred[:, which]

@@ -21,10 +21,11 @@ The forward is split by cost, so that clicks re-run only what they change:
 NHWC inside; mask logits are channel-first (B, 1, h, w), SAM's output contract. The batch is the prompt axis
 (one box per row), as in the reference.
 
-The HR head runs on every click, so it has its own functional forward (the modules only hold its parameters),
-written for XLA:CPU, where the plain layer-by-layer form spends most of its time on 1024^2 x 8 tensors: it runs in
-bands of output rows (see :meth:`MaskDecoderPi.head`), its LayerNorms take their means as matrix-vector products
-and its last conv (8 -> 1) is one small matmul plus shifted sums. Same maths, fp32 rounding differences only.
+The HR head runs on every click, so on XLA:CPU (``common.cpu_paths``) it has its own functional forward (the
+modules only hold its parameters), where the plain layer-by-layer form spends most of its time on 1024^2 x 8
+tensors: it runs in bands of output rows (see :meth:`MaskDecoderPi.head`), its LayerNorms take their means as
+matrix-vector products and its last conv (8 -> 1) is one small matmul plus shifted sums. Same maths, fp32 rounding
+differences only. Elsewhere the head is the plain layer-by-layer form, which XLA fuses whole.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pisam_jax.modeling.common import Conv2d, ConvTranspose2x2, LayerNorm2d, Sequential, gelu
+from pisam_jax.modeling import common
+from pisam_jax.modeling.common import Conv2d, ConvTranspose2x2, LayerNorm2d, Sequential, cast, gelu
 from pisam_jax.modeling.deformable_conv import DeformableConv2d
 from pisam_jax.modeling.hq_decoder import MaskDecoderHQ
 from pisam_jax.modeling.interactor import PointInteract
@@ -50,8 +52,10 @@ HEAD_BAND_ROWS = 64
 def _layer_norm(ln: nnx.LayerNorm, x: jax.Array) -> jax.Array:
     """``ln`` over the last axis with torch's maths (the mean, then the mean of squared deviations).
 
-    Both means are matrix-vector products: XLA:CPU reduces a minor axis of 8 or 16 several times slower.
+    Both means are matrix-vector products: XLA:CPU reduces a minor axis of 8 or 16 several times slower. Computed
+    and returned in float32 (at least) whatever the input's dtype, as flax's LayerNorm.
     """
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     avg = jnp.full((x.shape[-1],), 1.0 / x.shape[-1], x.dtype)
     y = x - jnp.matmul(x, avg, precision="highest")[..., None]
     var = jnp.matmul(y * y, avg, precision="highest")[..., None]
@@ -60,19 +64,20 @@ def _layer_norm(ln: nnx.LayerNorm, x: jax.Array) -> jax.Array:
 
 def _conv_band(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     """A 3x3 ``conv`` (padding 1) on a band that carries its row above and below: (B, R + 2, W, Ci) -> (B, R, W, Co)."""
-    y = jax.lax.conv_general_dilated(x, conv.kernel[...], (1, 1), ((0, 0), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + conv.bias[...]
+    y = jax.lax.conv_general_dilated(cast(x, conv.dtype), cast(conv.kernel[...], conv.dtype), (1, 1),
+                                     ((0, 0), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + cast(conv.bias[...], conv.dtype)
 
 
 def _conv_band_to_one(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     """:func:`_conv_band` for a conv with one output channel: (B, R + 2, W, C) -> (B, R, W).
 
     XLA:CPU's convolution is slow with one output channel: instead one small matmul gives each of the 9 taps'
-    contribution as a plane, and the planes are summed shifted.
+    contribution as a plane, and the planes are summed shifted. The output (logits) is float32.
     """
     _, r, w, c = x.shape
-    taps = jnp.einsum("nhwc,tc->nthw", x, conv.kernel[...][..., 0].reshape(9, c))  # tap t = 3 dy + dx
+    kernel = cast(conv.kernel[...][..., 0].reshape(9, c), conv.dtype)
+    taps = jnp.einsum("nhwc,tc->nthw", cast(x, conv.dtype), kernel, preferred_element_type=jnp.float32)  # t = 3dy+dx
     taps = jnp.pad(taps, ((0, 0), (0, 0), (0, 0), (1, 1)))
     out = sum(taps[:, 3 * dy + dx, dy:dy + r - 2, dx:dx + w] for dy in range(3) for dx in range(3))
     return out + conv.bias[...][0]
@@ -243,15 +248,17 @@ class MaskDecoderPi(MaskDecoderHQ):
         """Step F: E (B, 256, 256, 32) and the RGB embedding (B or 1, 1024, 1024, 8) or None (the ablation without
         it) -> logits (B, 1, 1024, 1024).
 
-        On CPU in bands of ``HEAD_BAND_ROWS`` output rows (elsewhere, or with ``banded=False``, one band). The two
-        3x3 convs need two more rows each side, so a band upscales one more row of E each side (4 output rows) and
-        zeroes the rows that fall outside the image before each conv, as its zero padding would. Bands speed up the
-        forward pass; differentiated, they are about 10x slower than one band on XLA:CPU, so training asks for one.
+        On CPU in bands of ``HEAD_BAND_ROWS`` output rows (with ``banded=False``, or when the height is not a
+        multiple, one band). The two 3x3 convs need two more rows each side, so a band upscales one more row of E
+        each side (4 output rows) and zeroes the rows that fall outside the image before each conv, as its zero
+        padding would. Bands speed up the forward pass; differentiated, they are about 10x slower than one band on
+        XLA:CPU, so training asks for one. Elsewhere the plain layers (:meth:`_head_layers`).
         """
+        if not common.cpu_paths():
+            return self._head_layers(embedding, rgb)
         b, h, w, _ = embedding.shape
         height = 4 * h
-        cpu = jax.default_backend() == "cpu"
-        band = HEAD_BAND_ROWS if banded and cpu and height % HEAD_BAND_ROWS == 0 else height
+        band = HEAD_BAND_ROWS if banded and height % HEAD_BAND_ROWS == 0 else height
         ln1, conv1, ln2, _, conv2 = self.out_act
         padded = jnp.pad(embedding, ((0, 0), (1, 1), (0, 0), (0, 0)))
 
@@ -269,6 +276,18 @@ class MaskDecoderPi(MaskDecoderHQ):
         out = rows(0)[None] if band == height else jax.lax.map(rows, jnp.arange(height // band))
         return out.transpose(1, 0, 2, 3).reshape(b, 1, height, 4 * w)
 
+    def _head_layers(self, embedding: jax.Array, rgb: jax.Array | None) -> jax.Array:
+        """:meth:`head` as the reference computes it, layer by layer: (B, h, w, 32) -> (B, 1, 4h, 4w) float32."""
+        x = self.output_upscaling_2(embedding)
+        if rgb is not None:
+            x = x + rgb
+        ln1, conv1, ln2, _, conv2 = self.out_act
+        x = gelu(ln2(conv1(ln1(x))))
+        y = jax.lax.conv_general_dilated(cast(x, conv2.dtype), cast(conv2.kernel[...], conv2.dtype), (1, 1),
+                                         ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         preferred_element_type=jnp.float32)
+        return (y + conv2.bias[...])[..., 0][:, None]
+
     def _hr_upscale(self, embedding: jax.Array) -> jax.Array:
         """``output_upscaling_2``: (B, h, w, 32) -> (B, 4h, 4w, 8).
 
@@ -278,12 +297,13 @@ class MaskDecoderPi(MaskDecoderHQ):
         t1, ln, _, t2 = self.output_upscaling_2
         b, h, w, c = embedding.shape
         c1, c2 = t1.kernel.shape[-1], t2.kernel.shape[-1]
-        y = embedding.reshape(-1, c) @ t1.kernel[...].reshape(c, -1)  # (B h w, (a1, b1, c1))
-        y = gelu(_layer_norm(ln, y.reshape(-1, c1) + t1.bias[...]))
-        y = (y @ t2.kernel[...].reshape(c1, -1)).reshape(b, h, w, 2, 2, 2, 2, c2)  # (..., a1, b1, a2, b2, c2)
+        y = cast(embedding.reshape(-1, c), t1.dtype) @ cast(t1.kernel[...].reshape(c, -1), t1.dtype)  # (Bhw, a1 b1 c1)
+        y = gelu(_layer_norm(ln, y.reshape(-1, c1) + cast(t1.bias[...], t1.dtype)))
+        y = cast(y, t2.dtype) @ cast(t2.kernel[...].reshape(c1, -1), t2.dtype)
+        y = y.reshape(b, h, w, 2, 2, 2, 2, c2)  # (..., a1, b1, a2, b2, c2)
         # Output pixel (4i + 2 a1 + a2, 4j + 2 b1 + b2).
         y = y.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, 4 * h, 4 * w, c2)
-        return y + t2.bias[...]
+        return y + cast(t2.bias[...], t2.dtype)
 
     def refine(
         self,

@@ -43,17 +43,18 @@ class Attention(nnx.Module):
 
         ``key_mask`` (B, Nk) bool, True = this key is masked out (a padded token). Masked keys
         get zero weight; a row whose keys are all masked falls back to uniform weights (no NaN).
+        Logits and softmax are float32 whatever the projections' compute dtype.
         """
         q = self._separate_heads(self.q_proj(q))
         k = self._separate_heads(self.k_proj(k))
         v = self._separate_heads(self.v_proj(v))
 
-        attn = jnp.einsum("bhqc,bhkc->bhqk", q, k) / math.sqrt(q.shape[-1])
+        attn = jnp.einsum("bhqc,bhkc->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
         if key_mask is not None:
             attn = jnp.where(key_mask[:, None, None, :], jnp.finfo(attn.dtype).min, attn)
         attn = jax.nn.softmax(attn, axis=-1)
 
-        out = jnp.einsum("bhqk,bhkc->bhqc", attn, v)
+        out = jnp.einsum("bhqk,bhkc->bhqc", attn.astype(v.dtype), v)
         b, _, n, _ = out.shape
         out = out.transpose(0, 2, 1, 3).reshape(b, n, self.internal_dim)
         return self.out_proj(out)

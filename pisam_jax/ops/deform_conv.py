@@ -16,6 +16,9 @@ How it is computed (the "gather kernel"), and why:
   * A ``lax.scan`` over the kh*kw taps samples one tap and accumulates ``columns @ weight[tap]`` on the matmul
     units, so memory stays at one tap's columns (B, Ho*Wo, 4, C), never all taps' (about 0.4 GB per image at
     7x7 on 256x256x32). Offsets and masks are sliced per tap inside the loop rather than transposed up front.
+    That is the CPU's form. On an accelerator a step takes several taps at once (``taps_per_step``: as many as
+    keep a step's gathered corners under ``STEP_BYTES``): each step is a handful of kernels whatever its size,
+    so at batch 1 the 49 sequential steps of a 7x7 kernel cost more in launches than in work.
   * A ``custom_vjp`` recomputes the gather in the backward pass instead of keeping every tap's gathered corners
     as residuals (what autodiff of the scan stores: 1.6 GB per image at 7x7 on 256x256x32), gets the offset and
     mask gradients from the four products <d loss / d columns, corner q>, and scatter-adds the input gradient
@@ -37,6 +40,10 @@ import jax
 import jax.numpy as jnp
 
 
+# Accelerators: the most bytes of gathered corners one step of the tap loop may hold (``taps_per_step``).
+STEP_BYTES = 512 * 2**20
+
+
 class _Geometry(NamedTuple):
     """Static shape information of one call; hashable, so it can be a non-differentiable custom_vjp argument."""
 
@@ -50,6 +57,7 @@ class _Geometry(NamedTuple):
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int
+    taps_per_step: int  # taps sampled per step of the tap loop; divides kernel_h * kernel_w
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -63,7 +71,17 @@ def _pair(v, name: str) -> tuple[int, int]:
     return pair
 
 
-def _geometry(x, offset, mask, weight, bias, stride, padding, dilation) -> _Geometry:
+def _default_taps_per_step(x: jax.Array, taps: int, pixels: int) -> int:
+    """1 on the CPU paths; elsewhere the most taps (a divisor of ``taps``) whose corners fit ``STEP_BYTES``."""
+    from pisam_jax.modeling import common
+
+    if common.cpu_paths():
+        return 1
+    per_tap = x.shape[0] * pixels * 4 * x.shape[-1] * jnp.dtype(x.dtype).itemsize
+    return max(t for t in range(1, taps + 1) if taps % t == 0 and (t == 1 or t * per_tap <= STEP_BYTES))
+
+
+def _geometry(x, offset, mask, weight, bias, stride, padding, dilation, taps_per_step) -> _Geometry:
     """Validates shapes as torchvision does and returns the static geometry of the call."""
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
@@ -103,7 +121,11 @@ def _geometry(x, offset, mask, weight, bias, stride, padding, dilation) -> _Geom
         )
     if bias is not None and bias.shape != (cout,):
         raise ValueError(f"deform_conv2d: bias {bias.shape} must be ({cout},)")
-    return _Geometry(height, width, out_h, out_w, kh, kw, stride, padding, dilation, groups)
+    if taps_per_step is None:
+        taps_per_step = _default_taps_per_step(x, taps, out_h * out_w)
+    if taps_per_step < 1 or taps % taps_per_step:
+        raise ValueError(f"deform_conv2d: taps_per_step ({taps_per_step}) must divide the {taps} kernel taps")
+    return _Geometry(height, width, out_h, out_w, kh, kw, stride, padding, dilation, groups, taps_per_step)
 
 
 def _pad_groups(x: jax.Array, groups: int) -> jax.Array:
@@ -118,21 +140,28 @@ def _pad_groups(x: jax.Array, groups: int) -> jax.Array:
 
 
 class _Taps(NamedTuple):
-    """Bilinear sampling of one tap: the 2x2 window of the padded input and the per-corner factors."""
+    """Bilinear sampling of a step's taps: the 2x2 windows of the padded input and the per-corner factors.
 
-    row: jax.Array  # (BG, P) int32 top row of the window in the padded input
-    col: jax.Array  # (BG, P) int32 left column
-    weight: jax.Array  # (BG, P, 4) bilinear weights of corners (0,0), (0,1), (1,0), (1,1); 0 without a corner inside
-    d_dy: jax.Array  # (BG, P, 4) d weight / d py
-    d_dx: jax.Array  # (BG, P, 4) d weight / d px
+    S = P * T samples: every output pixel's T taps of the step, pixel-major.
+    """
+
+    row: jax.Array  # (BG, S) int32 top row of the window in the padded input
+    col: jax.Array  # (BG, S) int32 left column
+    weight: jax.Array  # (BG, S, 4) bilinear weights of corners (0,0), (0,1), (1,0), (1,1); 0 without a corner inside
+    d_dy: jax.Array  # (BG, S, 4) d weight / d py
+    d_dx: jax.Array  # (BG, S, 4) d weight / d px
 
 
-def _bilinear(geom: _Geometry, tap: jax.Array, off: jax.Array) -> _Taps:
-    """Tap index (scalar) and its offsets (BG, P, 2) as (dy, dx) -> padded-input windows and bilinear factors."""
+def _bilinear(geom: _Geometry, first_tap: jax.Array, off: jax.Array) -> _Taps:
+    """The step's first tap index (scalar) and its taps' offsets (BG, P, T, 2) as (dy, dx) -> padded-input windows
+    and bilinear factors of its S = P * T samples."""
     (sh, sw), (ph, pw), (dh, dw) = geom.stride, geom.padding, geom.dilation
-    pixel = jnp.arange(geom.out_height * geom.out_width)
-    base_y = (pixel // geom.out_width) * sh - ph + (tap // geom.kernel_w) * dh
+    pixel = jnp.arange(geom.out_height * geom.out_width)[:, None]
+    tap = first_tap + jnp.arange(geom.taps_per_step)[None, :]
+    base_y = (pixel // geom.out_width) * sh - ph + (tap // geom.kernel_w) * dh  # (P, T)
     base_x = (pixel % geom.out_width) * sw - pw + (tap % geom.kernel_w) * dw
+    off = off.reshape(off.shape[0], -1, 2)
+    base_y, base_x = base_y.reshape(-1), base_x.reshape(-1)
     # int + float in f32, the same rounding as torchvision's (out_y*stride - pad) + i*dil + offset.
     py = base_y.astype(jnp.float32) + off[..., 0].astype(jnp.float32)
     px = base_x.astype(jnp.float32) + off[..., 1].astype(jnp.float32)
@@ -198,31 +227,33 @@ def _dot4(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _to_columns(s: jax.Array, batch: int) -> jax.Array:
-    """(B*G, P, Cg) -> (B, P, G*Cg): offset group g owns input channels [g*Cg, (g+1)*Cg), as in torchvision."""
-    bg, p, cg = s.shape
-    return s.reshape(batch, bg // batch, p, cg).transpose(0, 2, 1, 3).reshape(batch, p, -1)
+    """(B*G, P, T, Cg) -> (B, P, T*G*Cg): tap-major columns, in which offset group g owns input channels
+    [g*Cg, (g+1)*Cg), as in torchvision."""
+    bg, p, t, cg = s.shape
+    return s.reshape(batch, bg // batch, p, t, cg).transpose(0, 2, 3, 1, 4).reshape(batch, p, -1)
 
 
-def _from_columns(c: jax.Array, groups: int) -> jax.Array:
-    """(B, P, G*Cg) -> (B*G, P, Cg), the inverse of ``_to_columns``."""
-    b, p, cin = c.shape
-    return c.reshape(b, p, groups, cin // groups).transpose(0, 2, 1, 3).reshape(b * groups, p, -1)
+def _from_columns(c: jax.Array, groups: int, taps: int) -> jax.Array:
+    """(B, P, T*G*Cg) -> (B*G, P, T, Cg), the inverse of ``_to_columns``."""
+    b, p, n = c.shape
+    return c.reshape(b, p, taps, groups, n // (taps * groups)).transpose(0, 3, 1, 2, 4).reshape(b * groups, p, taps, -1)
 
 
-def _tap_slices(geom: _Geometry, tap, off, mask, weight):
-    """Slices tap ``tap`` out of off (B, P, G*K*2), mask (B, P, G*K) and weight (K, Cin, Cout).
+def _tap_slices(geom: _Geometry, first_tap, off, mask, weight):
+    """Slices the step's T taps from ``first_tap`` out of off (B, P, G*K*2), mask (B, P, G*K), weight (K, Cin, Cout).
 
-    Returns offsets (BG, P, 2), mask (BG, P) and the weight (Cin, Cout). Slicing inside the loop, instead of
-    transposing to tap-major once, avoids writing a copy of the offsets (25 MB per image at 7x7); so does
+    Returns offsets (BG, P, T, 2), mask (BG, P, T) and the weight (T*Cin, Cout). Slicing inside the loop, instead
+    of transposing to tap-major once, avoids writing a copy of the offsets (25 MB per image at 7x7); so does
     splitting the channels into (G, K) here rather than outside the loop, where XLA copied them into a new layout.
     """
     b, p = off.shape[:2]
-    g, taps = geom.groups, geom.kernel_h * geom.kernel_w
-    o = jax.lax.dynamic_index_in_dim(off.reshape(b, p, g, taps, 2), tap, axis=3, keepdims=False)
-    m = jax.lax.dynamic_index_in_dim(mask.reshape(b, p, g, taps), tap, axis=3, keepdims=False)
-    o = o.transpose(0, 2, 1, 3).reshape(b * g, p, 2)
-    m = m.transpose(0, 2, 1).reshape(b * g, p)
-    return o, m, jax.lax.dynamic_index_in_dim(weight, tap, keepdims=False)
+    g, taps, t = geom.groups, geom.kernel_h * geom.kernel_w, geom.taps_per_step
+    o = jax.lax.dynamic_slice_in_dim(off.reshape(b, p, g, taps, 2), first_tap, t, axis=3)
+    m = jax.lax.dynamic_slice_in_dim(mask.reshape(b, p, g, taps), first_tap, t, axis=3)
+    o = o.transpose(0, 2, 1, 3, 4).reshape(b * g, p, t, 2)
+    m = m.transpose(0, 2, 1, 3).reshape(b * g, p, t)
+    w = jax.lax.dynamic_slice_in_dim(weight, first_tap, t)
+    return o, m, w.reshape(-1, w.shape[-1])
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -231,19 +262,25 @@ def _deform_core(geom: _Geometry, xpad, off, mask, weight):
     return _deform_fwd(geom, xpad, off, mask, weight)[0]
 
 
+def _first_taps(geom: _Geometry) -> jax.Array:
+    """The first tap of each step of the tap loop."""
+    return jnp.arange(0, geom.kernel_h * geom.kernel_w, geom.taps_per_step)
+
+
 def _deform_fwd(geom, xpad, off, mask, weight):
     batch, pixels = off.shape[:2]
+    bg, t = xpad.shape[0], geom.taps_per_step
 
-    def tap(acc, k):
+    def step(acc, k):
         o, m, w = _tap_slices(geom, k, off, mask, weight)
-        t = _bilinear(geom, k, o)
+        taps = _bilinear(geom, k, o)
         # Bilinear blend and modulation in f32; the matmul then runs in the input dtype with f32 accumulation.
-        s = _blend(t.weight * m[..., None], _gather(xpad, t))
-        cols = _to_columns(s.astype(xpad.dtype), batch)
+        s = _blend(taps.weight * m.reshape(bg, -1)[..., None], _gather(xpad, taps))
+        cols = _to_columns(s.reshape(bg, pixels, t, -1).astype(xpad.dtype), batch)
         return acc + jnp.einsum("bpi,io->bpo", cols, w, preferred_element_type=jnp.float32), None
 
     acc = jnp.zeros((batch, pixels, weight.shape[-1]), jnp.float32)
-    out, _ = jax.lax.scan(tap, acc, jnp.arange(weight.shape[0]))
+    out, _ = jax.lax.scan(step, acc, _first_taps(geom))
     return out, (xpad, off, mask, weight)
 
 
@@ -252,32 +289,35 @@ def _deform_bwd(geom, residuals, g_out):
     mask and offset gradients; the input gradient is scatter-added into one padded accumulator."""
     xpad, off, mask, weight = residuals
     batch, pixels = off.shape[:2]
-    groups = geom.groups
+    groups, bg, t = geom.groups, xpad.shape[0], geom.taps_per_step
     g_out = g_out.astype(jnp.float32)
     # g_out^T (Cout, B*P), transposed once: the weight gradient g_out^T @ columns is then a plain matmul, where
     # columns^T @ g_out made XLA transpose the columns on every tap.
     g_out_t = g_out.reshape(-1, g_out.shape[-1]).T
 
-    def tap(g_xpad, k):
+    def step(g_xpad, k):
         o, m, w = _tap_slices(geom, k, off, mask, weight)
-        m = m.astype(jnp.float32)[..., None]
-        t = _bilinear(geom, k, o)
-        corners = _gather(xpad, t)
-        cols = _to_columns(_blend(t.weight * m, corners), batch).reshape(batch * pixels, -1)
-        g_w = (g_out_t @ cols).T
-        g_s = _from_columns(jnp.einsum("bpo,io->bpi", g_out, w.astype(jnp.float32)), groups)  # (BG, P, Cg)
+        m = m.astype(jnp.float32).reshape(bg, -1)[..., None]  # (BG, S, 1)
+        taps = _bilinear(geom, k, o)
+        corners = _gather(xpad, taps)
+        s = _blend(taps.weight * m, corners).reshape(bg, pixels, t, -1)
+        cols = _to_columns(s, batch).reshape(batch * pixels, -1)
+        g_w = (g_out_t @ cols).T  # (T*Cin, Cout)
+        g_s = _from_columns(jnp.einsum("bpo,io->bpi", g_out, w.astype(jnp.float32)), groups, t)
+        g_s = g_s.reshape(bg, pixels * t, -1)  # (BG, S, Cg)
         # <g_s, corner q> for each corner: every sampling gradient is a weighted sum of these four numbers.
         g_q = jnp.einsum("npc,npqc->npq", g_s, corners, preferred_element_type=jnp.float32)
-        g_m = _dot4(t.weight, g_q)
-        g_o = m * jnp.stack([_dot4(t.d_dy, g_q), _dot4(t.d_dx, g_q)], axis=-1)
-        g_xpad = _scatter_add(g_xpad, t, (t.weight * m)[..., None] * g_s[..., None, :])
-        return g_xpad, (g_o, g_m, g_w)
+        g_m = _dot4(taps.weight, g_q)
+        g_o = m * jnp.stack([_dot4(taps.d_dy, g_q), _dot4(taps.d_dx, g_q)], axis=-1)
+        g_xpad = _scatter_add(g_xpad, taps, (taps.weight * m)[..., None] * g_s[..., None, :])
+        return g_xpad, (g_o.reshape(bg, pixels, t, 2), g_m.reshape(bg, pixels, t), g_w.reshape(t, -1, g_w.shape[-1]))
 
     g_xpad = jnp.zeros(xpad.shape, jnp.float32)
-    g_xpad, (g_off, g_mask, g_weight) = jax.lax.scan(tap, g_xpad, jnp.arange(weight.shape[0]))
-    # (K, B*G, P, ...) -> the input layouts (B, P, G*K*...).
-    g_off = g_off.reshape(-1, batch, groups, pixels, 2).transpose(1, 3, 2, 0, 4).reshape(off.shape)
-    g_mask = g_mask.reshape(-1, batch, groups, pixels).transpose(1, 3, 2, 0).reshape(mask.shape)
+    g_xpad, (g_off, g_mask, g_weight) = jax.lax.scan(step, g_xpad, _first_taps(geom))
+    # (steps, B*G, P, T, ...) -> the input layouts (B, P, G*K*...).
+    g_off = g_off.reshape(-1, batch, groups, pixels, t, 2).transpose(1, 3, 2, 0, 4, 5).reshape(off.shape)
+    g_mask = g_mask.reshape(-1, batch, groups, pixels, t).transpose(1, 3, 2, 0, 4).reshape(mask.shape)
+    g_weight = g_weight.reshape(weight.shape)
     return g_xpad.astype(xpad.dtype), g_off.astype(off.dtype), g_mask.astype(mask.dtype), g_weight.astype(weight.dtype)
 
 
@@ -294,6 +334,7 @@ def deform_conv2d(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
+    taps_per_step: int | None = None,
 ) -> jax.Array:
     """``torchvision.ops.deform_conv2d`` (modulated when ``mask`` is given) on NHWC tensors.
 
@@ -305,6 +346,8 @@ def deform_conv2d(
       weight: (kh, kw, Cin, Cout), Flax HWIO (torch's (Cout, Cin, kh, kw) transposed by (2, 3, 1, 0)).
       bias: (Cout,) or None.
       stride, padding, dilation: ints or (h, w) pairs; Ho = (H + 2*pad - dil*(kh-1) - 1) // stride + 1.
+      taps_per_step: kernel taps sampled together per step of the tap loop (a divisor of kh*kw); None: 1 on
+        the CPU paths (``modeling.common.cpu_paths``), elsewhere as many as ``STEP_BYTES`` allows.
 
     Returns:
       (B, Ho, Wo, Cout) in the promoted dtype of x and weight; bf16 inputs accumulate in f32.
@@ -312,7 +355,7 @@ def deform_conv2d(
     Raises:
       ValueError: naming the mismatching shape or argument.
     """
-    geom = _geometry(x, offset, mask, weight, bias, stride, padding, dilation)
+    geom = _geometry(x, offset, mask, weight, bias, stride, padding, dilation, taps_per_step)
     batch, groups = x.shape[0], geom.groups
     taps, pixels = geom.kernel_h * geom.kernel_w, geom.out_height * geom.out_width
     dtype = jnp.result_type(x, weight)

@@ -100,6 +100,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise UsageError(f"config.log_images_count must be positive, got {config.log_images_count}")
     if config.log_images_every and not 16 <= config.log_images_size <= 1024:
         raise UsageError(f"config.log_images_size must be in [16, 1024] px, got {config.log_images_size}")
+    try:
+        models.check_dtype(config.get("dtype", None))
+    except models.ModelError as e:
+        raise UsageError(f"config.dtype: {e}") from None
     model_overrides(config)
 
 
@@ -369,6 +373,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
                                  lr_drop_epoch=config.lr_drop_epoch)
     if latest is None:
         model, provenance = initial_model(config, stage)
+        models.set_dtype(model, config.get("dtype", None))
         graphdef, train_state, frozen_state = nnx.split(model, filt, ...)
         del model
         opt_state = tx.init(train_state)
@@ -381,7 +386,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Resu
             raise UsageError(f"{workdir} holds a {meta.get('stage')} run; use another --workdir for {stage.name}")
         model_config = ModelConfig.from_json(meta["model_config"])
         provenance = meta.get("provenance", {})
-        abstract = models.abstract_model(model_config)
+        abstract = models.abstract_model(model_config, config.get("dtype", None))
         graphdef, train_state, frozen_state = nnx.split(abstract, filt, ...)
         opt_state = jax.eval_shape(tx.init, train_state)
         data_iter = make_iterator(config, datasets, model_config.image_size)

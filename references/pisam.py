@@ -120,7 +120,7 @@ class MaskDecoderAE(MaskDecoder):
             nn.Conv2d(d // 32, 1, 3, 1, 1),
         )
         if interact:
-            from tests.pisam_reference_interactor import PointInteract
+            from references.pisam_interactor import PointInteract
 
             self.interact_2 = PointInteract()
         else:

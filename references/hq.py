@@ -6,7 +6,7 @@ import torch
 from segment_anything_hq import modeling
 from segment_anything_hq.modeling import MaskDecoderHQ, Sam, TwoWayTransformer
 
-from tests.sam_reference import TINY, encoder_and_prompts, perturb_, save_official  # noqa: F401  (TINY, save_official re-exported)
+from references.sam import TINY, encoder_and_prompts, perturb_, save_official  # noqa: F401  (TINY, save_official re-exported)
 
 
 def build_torch_hq_decoder(transformer_dim=256, vit_dim=1024, mlp_dim=2048) -> MaskDecoderHQ:

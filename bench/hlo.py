@@ -1,6 +1,7 @@
 """How many kernels one call launches: the compiled HLO of the decoders and of the deformable convolution.
 
     python -m bench.hlo [--cases decoder_sam decoder_hq pi_box pi_clicks deform3 deform7] [--model-type vit_b]
+                        [--paths cpu|accelerator]
 
 Prints one JSON line per case, on whatever backend JAX runs (the GPU's counts come from ``bench/gpu.sh``):
   * ``kernels``: the executable's operations that run as kernels (fusions, matmuls, convolutions, library calls,
@@ -181,10 +182,17 @@ def main(argv=None) -> None:
     parser.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
     parser.add_argument("--repeats", type=int, default=10, help="timed predictor calls for the host overhead")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--paths", choices=["cpu", "accelerator"], default=None,
+                        help="the code paths to compile (default: the backend's own); 'accelerator' on the CPU "
+                             "counts the kernels of the GPU/TPU paths before spending device time")
     args = parser.parse_args(argv)
+    from pisam_jax.modeling import common
+
+    common.CODE_PATHS = args.paths
     device = jax.devices()[0]
     for case in args.cases:
-        result = {**CASES[case](args), "backend": jax.default_backend(), "device": device.device_kind}
+        result = {**CASES[case](args), "backend": jax.default_backend(), "device": device.device_kind,
+                  "paths": "cpu" if common.cpu_paths() else "accelerator"}
         print(json.dumps(result), flush=True)
 
 

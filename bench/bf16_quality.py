@@ -1,7 +1,7 @@
 """What bfloat16 compute costs in quality (issue 15): the same weights run in float32 and in bfloat16, compared.
 
     python -m bench.bf16_quality [--workdir runs/quickstart] [--images 60] [--clicks 1,5] [--click-subset 0]
-                                 [--cases miniature vit_b]
+                                 [--cases miniature vit_b] [--code-paths cpu|accelerator]
 
 Prints one JSON line per case, then a Markdown table.
 
@@ -15,7 +15,8 @@ protocol ranks them (``--click-subset 20``: the quickstart's subset; 0: all elig
 IoU and Boundary IoU against the GT in each dtype (dataset means); the agreement of the two binary masks (IoU
 between them, mean and worst image, and the fraction of pixels that differ); the logits' difference at the
 original resolution (max and mean of |fp32 - bf16|, next to the RMS of the fp32 logits), and the largest
-|fp32 logit| among the pixels that flipped (how far from the threshold 0 bfloat16 moves a decision).
+|fp32 logit| among the pixels that flipped (how far from the threshold 0 bfloat16 moves a decision); for the
+clicks, the mean number given (fewer than k where the overlap has fewer components).
 
 ``vit_b``: SAM vit_b at full size (1024^2 input) with random weights, built as the parity tests build them
 (``references.sam.build_torch_sam``: an official-format model, norms and position tables perturbed) and
@@ -56,6 +57,13 @@ def machine() -> str:
     except OSError:
         pass
     return name
+
+
+def code_paths() -> str:
+    """Which code paths ran: "cpu" or "accelerator" (``modeling.common.cpu_paths``)."""
+    from pisam_jax.modeling import common
+
+    return "cpu" if common.cpu_paths() else "accelerator"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -187,7 +195,7 @@ def miniature(args) -> list[dict]:
 
 def _record(case: str, model: str, prompt: str, cmp: Comparison, seconds: float) -> dict:
     return {"case": case, "model": model, "prompt": prompt, **cmp.result(), "dtypes": "float32 vs bfloat16",
-            "device": _device(), "machine": machine(), "seconds": round(seconds, 1)}
+            "device": _device(), "code_paths": code_paths(), "machine": machine(), "seconds": round(seconds, 1)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,7 +242,8 @@ def _error_record(what: str, got: np.ndarray, exact: np.ndarray, seconds: float)
     return {"case": "vit_b", "model": "vit_b random (1024^2)", "prompt": what, "values": int(exact.size),
             "rms_fp32": rms, "abs_err_max": float(err.max()), "abs_err_rms": float(np.sqrt(np.mean(err**2))),
             "rel_err_max": float(err.max()) / rms, "rel_err_rms": float(np.sqrt(np.mean(err**2))) / rms,
-            "dtypes": "float32 vs bfloat16", "device": _device(), "machine": machine(), "seconds": seconds}
+            "dtypes": "float32 vs bfloat16", "device": _device(), "code_paths": code_paths(), "machine": machine(),
+            "seconds": seconds}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -263,7 +272,7 @@ def markdown(results: list[dict]) -> str:
                   f"| {r['prompt']} | {r['rms_fp32']:.3g} | {r['abs_err_max']:.3g} | {r['abs_err_rms']:.3g} "
                   f"| {r['rel_err_max']:.2e} | {r['rel_err_rms']:.2e} | |" for r in vit]
     if results:
-        lines += ["", f"({results[0]['machine']}, JAX on {results[0]['device']})"]
+        lines += ["", f"({results[0]['machine']}, JAX on {results[0]['device']}, {results[0]['code_paths']} code paths)"]
     return "\n".join(lines)
 
 
@@ -280,7 +289,13 @@ def main(argv=None) -> None:
                         help="images for the clicks, worst first (0: every eligible one; the quickstart uses 20)")
     parser.add_argument("--seed", type=int, default=0, help="the clicks' seed (the quickstart's --seed), vit_b's")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--code-paths", choices=["cpu", "accelerator"], default=None,
+                        help="force the CPU or the accelerator code paths (modeling.common.CODE_PATHS; default: "
+                             "by backend). accelerator on a CPU: fused attention with its bias, as on GPUs and TPUs")
     args = parser.parse_args(argv)
+    from pisam_jax.modeling import common
+
+    common.CODE_PATHS = args.code_paths
     try:
         args.clicks = sorted({int(k) for k in args.clicks.split(",") if k.strip()})
     except ValueError:

@@ -59,6 +59,12 @@ def machine() -> str:
     return name
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def code_paths() -> str:
     """Which code paths ran: "cpu" or "accelerator" (``modeling.common.cpu_paths``)."""
     from pisam_jax.modeling import common
@@ -131,9 +137,10 @@ class Comparison:
 
 
 def miniature(args) -> list[dict]:
-    from pisam_jax.data.datasets import open_dataset
+    from pisam_jax.data.datasets import DatasetError, open_dataset
     from pisam_jax.evaluation import protocol
     from pisam_jax.evaluation.interactive import image_seed
+    from pisam_jax.evaluation.loop import progress
     from pisam_jax.evaluation.segmenter import BoxSegmenter
     from pisam_jax.models import load_model, with_dtype
 
@@ -141,9 +148,12 @@ def miniature(args) -> list[dict]:
     dirs = {m: work / m / "export" for m in MODELS}
     missing = [str(d) for d in dirs.values() if not (d / "config.json").is_file()]
     if missing:
-        sys.exit(f"error: no trained miniature model at {', '.join(missing)}; run python quickstart.py "
-                 f"--workdir {work} first (or give --workdir)")
-    samples = open_dataset(HELD_OUT, str(work / "data")).samples[: args.images or None]
+        fail(f"no trained miniature model at {', '.join(missing)}; run python quickstart.py --workdir {work} "
+             "first (or give its --workdir)")
+    try:
+        samples = open_dataset(HELD_OUT, str(work / "data")).samples[: args.images or None]
+    except DatasetError as e:
+        fail(f"{e}; the held-out images are quickstart.py's (WORKDIR/data)")
     segs = {}
     for m, d in dirs.items():
         model = load_model(d)
@@ -161,7 +171,7 @@ def miniature(args) -> list[dict]:
     results, initial = [], {}  # initial: (image key) -> {model: fp32 box mask}
     for m in MODELS:
         cmp, t0 = Comparison(), time.time()
-        for s in samples:
+        for s in progress(samples, len(samples), f"{m} box, fp32 and bf16"):
             gt, (out32, out16) = box_answers(m, s)
             cmp.add(out32.logits, out16.logits, gt, s.name)
             initial.setdefault(f"{HELD_OUT}/{s.name}", {})[m] = out32.mask
@@ -175,7 +185,7 @@ def miniature(args) -> list[dict]:
     subset = protocol.select_subset(entries, args.click_subset or len(entries))
     for m in MODELS:
         cmps, given, t0 = {k: Comparison() for k in args.clicks}, {k: [] for k in args.clicks}, time.time()
-        for key in subset:
+        for key in progress(subset, len(subset), f"{m} clicks, fp32 and bf16"):
             s = by_key[key]
             gt, (out32, out16) = box_answers(m, s)
             overlap = protocol.overlap_errors(list(initial[key].values()), gt)
@@ -253,9 +263,9 @@ def markdown(results: list[dict]) -> str:
     lines = []
     mini = [r for r in results if r["case"] == "miniature"]
     if mini:
-        lines += ["| model | prompt | images | IoU fp32 | IoU bf16 | BIoU fp32 | BIoU bf16 | mask IoU fp32 vs bf16 "
-                  "(mean / min) | pixels differing (all / worst image) | abs logit diff max / mean (fp32 RMS) "
-                  "| max fp32 abs logit of a flip |", "|---" * 11 + "|"]
+        lines += [("| model | prompt | images | IoU fp32 | IoU bf16 | BIoU fp32 | BIoU bf16 | mask IoU fp32 vs bf16 "
+                   "(mean / min) | pixels differing (all / worst image) | abs logit diff max / mean (fp32 RMS) "
+                   "| max fp32 abs logit of a flip |"), "|---" * 11 + "|"]
         lines += [f"| {r['model']} | {r['prompt']} | {r['images']} | {r['iou_fp32']:.4f} | {r['iou_bf16']:.4f} "
                   f"| {r['biou_fp32']:.4f} | {r['biou_bf16']:.4f} "
                   f"| {r['mask_iou_fp32_vs_bf16_mean']:.4f} / {r['mask_iou_fp32_vs_bf16_min']:.4f} "
@@ -264,15 +274,15 @@ def markdown(results: list[dict]) -> str:
                   f"| {r['flipped_max_abs_logit_fp32']:.3f} |" for r in mini]
     vit = [r for r in results if r["case"] == "vit_b"]
     if vit:
-        lines += ["", "| vit_b, random weights, 1024^2 | fp32 RMS | max abs err | RMS abs err | max / RMS "
-                  "| RMS err / RMS | mask pixels differing |", "|---" * 7 + "|"]
-        lines += [f"| {r['prompt']} | {r['rms_fp32']:.3g} | {r['abs_err_max']:.3g} | {r['abs_err_rms']:.3g} "
-                  f"| {r['rel_err_max']:.2e} | {r['rel_err_rms']:.2e} "
-                  f"| {r['differing_pixels']:.2e} |" if "differing_pixels" in r else
-                  f"| {r['prompt']} | {r['rms_fp32']:.3g} | {r['abs_err_max']:.3g} | {r['abs_err_rms']:.3g} "
-                  f"| {r['rel_err_max']:.2e} | {r['rel_err_rms']:.2e} | |" for r in vit]
+        lines += ["", ("| vit_b, random weights, 1024^2 | fp32 RMS | max abs err | RMS abs err | max / RMS "
+                       "| RMS err / RMS | mask pixels differing |"), "|---" * 7 + "|"]
+        for r in vit:
+            differing = f"{r['differing_pixels']:.2e}" if "differing_pixels" in r else ""
+            lines.append(f"| {r['prompt']} | {r['rms_fp32']:.3g} | {r['abs_err_max']:.3g} | {r['abs_err_rms']:.3g} "
+                         f"| {r['rel_err_max']:.2e} | {r['rel_err_rms']:.2e} | {differing} |")
     if results:
-        lines += ["", f"({results[0]['machine']}, JAX on {results[0]['device']}, {results[0]['code_paths']} code paths)"]
+        r = results[0]
+        lines += ["", f"({r['machine']}, JAX on {r['device']}, {r['code_paths']} code paths)"]
     return "\n".join(lines)
 
 

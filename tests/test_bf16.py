@@ -40,16 +40,22 @@ TINY_PI = dict(image_size=128, encoder_embed_dim=64, encoder_depth=2, encoder_nu
 # -- what runs in bfloat16 -------------------------------------------------------------------------------------
 
 
-def _products(jaxpr):
-    """Every matrix product and convolution in ``jaxpr`` and its sub-jaxprs: (operand dtypes, output dtype,
-    multiply-adds, terms summed per output)."""
+def _equations(jaxpr):
+    """Every equation of ``jaxpr`` and of its sub-jaxprs (jit, scan, custom_vjp, ...)."""
     for eqn in jaxpr.eqns:
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 if isinstance(sub, jex.core.ClosedJaxpr):
-                    yield from _products(sub.jaxpr)
+                    yield from _equations(sub.jaxpr)
                 elif isinstance(sub, jex.core.Jaxpr):
-                    yield from _products(sub)
+                    yield from _equations(sub)
+        yield eqn
+
+
+def _products(jaxpr):
+    """Every matrix product and convolution in ``jaxpr`` and its sub-jaxprs: (operand dtypes, output dtype,
+    multiply-adds, terms summed per output)."""
+    for eqn in _equations(jaxpr):
         if eqn.primitive.name not in ("dot_general", "conv_general_dilated"):
             continue
         lhs, rhs = (v.aval for v in eqn.invars[:2])
@@ -91,6 +97,28 @@ def test_bf16_model_multiplies_in_bf16():
     f32_products = [p for p in products if p[0] == ("float32", "float32")]
     assert f32_products and all(p[3] <= 16 or p[2] <= 4096 for p in f32_products)
     assert [o.dtype for o in outputs] == [jnp.float32] * 3  # embeddings, 256^2 and 1024^2 logits
+
+
+# Sums, maxima and transcendentals: LayerNorm statistics (reduce_sum, rsqrt), softmax (reduce_max, exp, reduce_sum),
+# the deformable convs' modulation (logistic), poolings. In bfloat16 a sum of n terms loses ~n * 2^-9 relative.
+FP32_ONLY = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "cumsum", "cummax",
+             "cumlogsumexp", "exp", "exp2", "log", "log1p", "rsqrt", "sqrt", "logistic", "tanh"}
+
+
+@pytest.mark.parametrize("paths", ["cpu", "accelerator"])
+def test_bf16_model_reduces_in_fp32(paths, monkeypatch):
+    """In a bfloat16 model no reduction and no exp / log / rsqrt / sigmoid takes a bfloat16 operand, on the CPU
+    paths and on the accelerator ones (fused attention, the HR head layer by layer): LayerNorm statistics,
+    softmax and the modulation stay float32 (issue 15)."""
+    from pisam_jax.modeling import common
+
+    monkeypatch.setattr(common, "CODE_PATHS", paths)
+    jaxpr, _ = _pi_jaxpr("bfloat16")
+    eqns = list(_equations(jaxpr.jaxpr))
+    assert {"reduce_sum", "reduce_max", "exp", "rsqrt", "logistic"} <= {e.primitive.name for e in eqns}
+    in_bf16 = [e.primitive.name for e in eqns if e.primitive.name in FP32_ONLY
+               and any(getattr(v, "aval", None) is not None and v.aval.dtype == jnp.bfloat16 for v in e.invars)]
+    assert in_bf16 == []
 
 
 def test_fp32_model_has_no_bf16():

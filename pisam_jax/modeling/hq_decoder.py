@@ -94,8 +94,10 @@ class MaskDecoderHQ(MaskDecoder):
         sparse_prompt_embeddings: jax.Array,
         dense_prompt_embeddings: jax.Array,
         hq_features: jax.Array,
+        which: slice = slice(None),
     ) -> tuple[jax.Array, jax.Array]:
-        """SAM's M masks then the HQ mask: masks (B, M + 1, 4H, 4W) logits, iou_pred (B, M).
+        """The SAM masks of the tokens ``which`` selects (all M by default), then the HQ mask: masks
+        (B, m + 1, 4H, 4W) logits, iou_pred (B, M) of every token.
 
         As torch: the SAM masks are products with the upscaled embedding, the HQ mask with
         ``hq_mask_features``. hq_features: (B or 1, 4H, 4W, C/8) from :meth:`hq_features`.
@@ -104,7 +106,7 @@ class MaskDecoderHQ(MaskDecoder):
         tokens = self._tokens(sparse_prompt_embeddings)
         hs, src = self._run_transformer(image_embeddings, image_pe, tokens, dense_prompt_embeddings)
         upscaled = self._upscale(src)
-        masks_sam = self._hyper_masks(self._hyper_in(hs[:, 1 : 1 + m]), upscaled)
+        masks_sam = self._hyper_masks(self._hyper_in(hs[:, 1 : 1 + m], which), upscaled)
         hq_in = self.hf_mlp(hs[:, 1 + m])[:, None]  # (B, 1, C/8)
         masks_hq = self._hyper_masks(hq_in, self.hq_mask_features(upscaled, hq_features))
         return jnp.concatenate([masks_sam, masks_hq], axis=1), self._iou(hs[:, 0])
@@ -115,7 +117,8 @@ class MaskDecoderHQ(MaskDecoder):
     ) -> tuple[jax.Array, jax.Array]:
         """HQ-SAM 0.3's output: always one mask and one score per prompt.
 
-        masks (B, M + 1, h, w) (SAM's M masks, then the HQ mask), iou_pred (B, M) ->
+        masks (B, M + 1, h, w) (SAM's M masks, then the HQ mask; single: mask 0 and the HQ mask are enough),
+        iou_pred (B, M) ->
         masks (B, 1, h, w), iou_pred (B, 1):
           * multimask: the SAM mask among 1..M-1 with the highest predicted IoU, and that IoU;
           * single: SAM mask 0 and its IoU;
@@ -162,7 +165,8 @@ class MaskDecoderHQ(MaskDecoder):
             raise ValueError("give exactly one of interm_embeddings and hq_features")
         if hq_features is None:
             hq_features = self.hq_features(image_embeddings, interm_embeddings[0])
+        which = slice(None) if multimask_output else slice(0, 1)  # one mask: only token 0's is computed
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, hq_features
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, hq_features, which
         )
         return self.select_hq(masks, iou_pred, multimask_output, hq_token_only)

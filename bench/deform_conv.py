@@ -3,15 +3,22 @@
     python -m bench.deform_conv [--repeats 5] [--torch-repeats N] [--kernels 3 7] [--batches 1 4] [--size 256]
 
 Cases: forward and forward+backward (gradients w.r.t. input, offset, mask and weight, with a random cotangent),
-per kernel size and batch, on a (B, size, size, 32) map with 'same' padding, fp32. One JSON line per case:
+per kernel size and batch, on a (B, size, size, 32) map with 'same' padding. One JSON line per case:
 median wall times after warm-up (JAX compile time reported separately), the ratio ours / torchvision, and
 peak memory:
   * ours: ``compiled.memory_analysis()``, temp + output bytes of the jitted function (arguments excluded);
   * torchvision on CPU: the torch profiler's peak "Total Allocated" over one call (tensor allocations made
     during the call, output and torchvision's im2col columns included); on CUDA: max_memory_allocated minus
     the memory allocated before the call.
-Both frameworks use the same number of CPU threads (--threads, default 2). On a GPU machine JAX and torch both
-run on the GPU.
+The same precision, flags and threads on both sides:
+  * float32 only, true fp32 on both: JAX at ``jax_default_matmul_precision="highest"`` (its default on GPU is
+    TF32 for the tap contractions), torch with TF32 off (``bench.encoder.torch_device``). There is no bfloat16
+    case: torchvision's deform_conv2d has no bfloat16 kernel (CPU: "deformable_im2col not implemented for
+    'BFloat16'"; CUDA dispatches float, double and half only).
+  * On a GPU, ``bench.flags.FTZ_ATOMICS`` is set before JAX starts: it gives our scatter-add (the input
+    gradient) the same flushing ``atom.add.f32`` that torchvision's ``atomicAdd`` already is (see that module).
+  * CPU threads: torch gets as many as XLA's CPU client uses (``bench.encoder.threads``); on a GPU machine both
+    run on the GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -27,14 +35,14 @@ import numpy as np
 import torch
 import torchvision
 
+from bench.flags import set_gpu_xla_flags
+
 ON_GPU = torch.cuda.is_available()
-if ON_GPU:
-    # jaxlib 0.10.2 lowers f32 scatter-add (the input gradient) to a CAS loop on GPU; allowing FTZ atomics
-    # restores atom.add.f32. Must be set before JAX initialises its backend.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_extra_options=-nvptx-allow-ftz-atomics").strip()
+set_gpu_xla_flags()  # before JAX initialises its backend
 
 import jax  # noqa: E402
 
+from bench.encoder import sides, threads, torch_device  # noqa: E402
 from pisam_jax.ops.deform_conv import deform_conv2d  # noqa: E402
 
 CHANNELS = 32
@@ -106,7 +114,7 @@ def torch_peak_mb(call) -> float:
 
 def torch_case(inputs: dict, k: int, backward: bool, repeats: int) -> dict:
     """Times torchvision's op on the same data, NCHW (on CUDA when available)."""
-    device = "cuda" if ON_GPU else "cpu"
+    device = torch_device()
     nchw = lambda a: torch.tensor(a.transpose(0, 3, 1, 2).copy(), device=device)
     x, offset, mask, ct = (nchw(inputs[n]) for n in ("x", "offset", "mask", "cotangent"))
     weight = torch.tensor(inputs["weight"].transpose(3, 2, 0, 1).copy(), device=device)
@@ -130,6 +138,23 @@ def torch_case(inputs: dict, k: int, backward: bool, repeats: int) -> dict:
     }
 
 
+def run_case(rng: np.random.Generator, op: str, k: int, batch: int, size: int, repeats: int,
+             torch_repeats: int | None = None) -> dict:
+    """One case, both sides, fp32 at "highest" precision: the JSON record (module docstring)."""
+    inputs = make_inputs(rng, batch, size, k)
+    backward = op == "forward_backward"
+    with jax.default_matmul_precision("highest"):
+        ours = jax_case(inputs, k, backward, repeats)
+    ref = torch_case(inputs, k, backward, torch_repeats or repeats)
+    record = {
+        "case": f"deform_conv_{op}", "op": op, "kernel": k, "batch": batch, "shape": [batch, size, size, CHANNELS],
+        **sides(ours["ours_ms"] / 1e3, ref["torchvision_ms"] / 1e3, "float32", "float32", "cuda" if ON_GPU else "cpu"),
+        **{key: v for key, v in {**ours, **ref}.items() if key != "ours_ms"},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    return {key: round(v, 3) if isinstance(v, float) else v for key, v in record.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of our op per case (median reported)")
@@ -138,31 +163,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--size", type=int, default=256, help="feature map height and width")
     parser.add_argument("--ops", nargs="+", default=["forward", "forward_backward"], choices=["forward", "forward_backward"])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (JAX uses the CPU cores it sees)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.cuda.get_device_name() if ON_GPU else f"cpu ({os.cpu_count()} cores, torch threads {args.threads})"
-
+    print(f"threads: {threads()} (XLA's CPU client and torch)", file=sys.stderr)
     rng = np.random.default_rng(0)
     for k in args.kernels:
         for batch in args.batches:
-            inputs = make_inputs(rng, batch, args.size, k)
             for op in args.ops:
-                backward = op == "forward_backward"
-                ours = jax_case(inputs, k, backward, args.repeats)
-                ref = torch_case(inputs, k, backward, args.torch_repeats or args.repeats)
-                record = {
-                    "op": op,
-                    "kernel": k,
-                    "batch": batch,
-                    "shape": [batch, args.size, args.size, CHANNELS],
-                    **ours,
-                    **ref,
-                    "ratio": ours["ours_ms"] / ref["torchvision_ms"],
-                    "device": device,
-                    "jax_backend": jax.default_backend(),
-                }
-                print(json.dumps({key: round(v, 3) if isinstance(v, float) else v for key, v in record.items()}), flush=True)
+                print(json.dumps(run_case(rng, op, k, batch, args.size, args.repeats, args.torch_repeats)), flush=True)
 
 
 if __name__ == "__main__":

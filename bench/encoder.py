@@ -15,8 +15,7 @@ Precision (``--dtype``): float32 on both sides (JAX at ``jax_default_matmul_prec
 TF32 off), or bfloat16 on both sides: ours through ``set_compute_dtype`` (float32 parameters cast at use,
 LayerNorm and softmax in float32), torch's module and image cast to bfloat16 with its attention through
 ``F.scaled_dot_product_attention`` (the decomposed rel-pos term as the additive mask; ``sdpa_attention_``),
-as segment-anything-fast does. ``--torch-compile`` also wraps torch's module in ``torch.compile``
-(reported as ``torch_compile``: ok, or why it failed; the eager time is then replaced by the compiled one).
+as segment-anything-fast does. ``bench_torch_compile`` times torch's side under ``torch.compile`` (``bench.gpu``).
 
 Memory, two figures:
   * ``peak_rss_mib``: for each side, the rise of the process's peak resident set over one forward
@@ -193,11 +192,39 @@ def sdpa_attention_(encoder) -> None:
             module.forward = forward.__get__(module)
 
 
+def torch_encoder(cfg: dict):
+    """segment_anything's ``ImageEncoderViT`` of ``cfg``, random weights (position tables too), eval mode, fp32."""
+    import torch
+    from segment_anything.modeling.image_encoder import ImageEncoderViT as TorchEncoder
+
+    torch.manual_seed(0)
+    ref = TorchEncoder(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, **cfg).eval()
+    with torch.no_grad():  # the reference zero-initialises these; random values make the check meaningful
+        for name, p in ref.named_parameters():
+            if "rel_pos" in name or "pos_embed" in name:
+                p.normal_(0.0, 0.1)
+    return ref
+
+
+def bench_torch_compile(args) -> dict:
+    """torch's bf16 SDPA encoder (as in ``bench_encoder``) under ``torch.compile``: torch's side alone."""
+    import torch
+
+    dtype = getattr(args, "dtype", "bfloat16")
+    device = torch_device()
+    cfg = dict(img_size=args.img_size, window_size=14, **encoder_config(args.model_type))
+    ref = torch_encoder(cfg).to(device=device, dtype=getattr(torch, dtype))
+    if dtype == "bfloat16":
+        sdpa_attention_(ref)
+    image = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=getattr(torch, dtype))
+    return {"case": "encoder_torch_compile", "model_type": args.model_type, "batch": args.batch, "dtype": dtype,
+            "torch_dtype": dtype, "torch_device": torch_device_name(device), **time_torch_compile(ref, image, args.repeats)}
+
+
 def bench_encoder(args) -> dict:
     """Whole image encoder on one (B, img, img, 3) image batch, in ``args.dtype`` on both sides."""
     import torch
     from flax import nnx
-    from segment_anything.modeling.image_encoder import ImageEncoderViT as TorchEncoder
 
     from convert.keymap import load_torch_weights
     from pisam_jax.modeling.image_encoder import ImageEncoderViT
@@ -206,13 +233,7 @@ def bench_encoder(args) -> dict:
     dtype = getattr(args, "dtype", "float32")
     cfg = dict(img_size=args.img_size, window_size=14, **encoder_config(args.model_type))
     device = torch_device()
-    torch.manual_seed(0)
-    ref = TorchEncoder(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, **cfg).eval()
-    with torch.no_grad():  # the reference zero-initialises these; random values make the check meaningful
-        for name, p in ref.named_parameters():
-            if "rel_pos" in name or "pos_embed" in name:
-                p.normal_(0.0, 0.1)
-
+    ref = torch_encoder(cfg)
     ours = nnx.eval_shape(lambda: ImageEncoderViT(**cfg, rngs=nnx.Rngs(0)))
     load_torch_weights(ours, ref.state_dict())
     set_compute_dtype(ours, dtype)
@@ -220,14 +241,6 @@ def bench_encoder(args) -> dict:
     ref.to(device=device, dtype=t_dtype)
     if dtype == "bfloat16":
         sdpa_attention_(ref)
-    torch_compile = None
-    run_ref = ref
-    if getattr(args, "torch_compile", False):
-        try:
-            run_ref = torch.compile(ref)
-            torch_compile = "ok"
-        except Exception as e:  # noqa: BLE001 - reported, the eager module is timed instead
-            torch_compile = f"failed: {type(e).__name__}: {e}"[:200]
     graphdef, state = nnx.split(ours)
     state = jax.device_put(state)
 
@@ -243,19 +256,13 @@ def bench_encoder(args) -> dict:
     @torch_synced
     def run_torch():
         with torch.inference_mode():
-            return run_ref(image_t)
+            return ref(image_t)
 
     def run_ours():
         return jax.block_until_ready(encode(state, image_j))
 
     # Torch first, while the process holds no XLA buffers.
-    try:
-        torch_peak = peak_rss_rise_mib(run_torch)  # also the warm-up (and torch.compile's compilation)
-    except Exception as e:  # noqa: BLE001 - torch.compile fails at the first call; fall back to eager
-        if run_ref is ref:
-            raise
-        torch_compile, run_ref = f"failed: {type(e).__name__}: {e}"[:200], ref
-        torch_peak = peak_rss_rise_mib(run_torch)
+    torch_peak = peak_rss_rise_mib(run_torch)  # also the warm-up
     torch_s = median_seconds(run_torch, args.repeats)
     y_ref = run_torch().float().cpu().numpy().transpose(0, 2, 3, 1)
 
@@ -285,9 +292,28 @@ def bench_encoder(args) -> dict:
         "max_abs_err": err,
         "max_rel_err": err / float(np.abs(y_ref).max()),
     }
-    if torch_compile is not None:
-        out["torch_compile"] = torch_compile
     return out
+
+
+def time_torch_compile(module, image, repeats: int) -> dict:
+    """``torch.compile(module)`` timed as the eager module is: {"torch_compile_ms", "torch_compile_s"} (the first
+    call's time), or {"torch_compile": "failed: ..."} where it does not work on this machine."""
+    import torch
+
+    compiled = torch.compile(module)
+
+    @torch_synced
+    def run():
+        with torch.inference_mode():
+            return compiled(image)
+
+    try:
+        t0 = time.perf_counter()
+        run()
+        first_s = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - any failure of the compiler is reported, not fatal
+        return {"torch_compile": f"failed: {type(e).__name__}: {e}"[:300]}
+    return {"torch_compile_ms": round(1e3 * median_seconds(run, repeats), 3), "torch_compile_s": round(first_s, 2)}
 
 
 def _decoder_case(decoder: str) -> Callable[[argparse.Namespace], dict]:
@@ -315,7 +341,6 @@ def main(argv=None) -> None:
     parser.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls after the warm-up (median reported)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' compute dtype")
-    parser.add_argument("--torch-compile", action="store_true", help="time torch.compile(torch's encoder) too")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--img-size", type=int, default=1024)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))

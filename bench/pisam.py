@@ -33,7 +33,7 @@ import numpy as np
 from bench.encoder import encoder_config, median_seconds, sides, torch_device, torch_synced
 
 
-def _setup(model_type: str, device: str):
+def _setup(model_type: str, device: str, image_size: int = 1024):
     import torch
     from flax import nnx
 
@@ -43,22 +43,28 @@ def _setup(model_type: str, device: str):
 
     vit_dim = encoder_config(model_type)["embed_dim"]
     torch.manual_seed(0)
-    ref = perturb_(MaskDecoderAE(vit_dim, interact=True)).eval()
+    ref = MaskDecoderAE(vit_dim, interact=True)
+    if image_size != 1024:  # the interactor's position table has E's size: image / 4
+        from references.pisam_interactor import PointInteract
+
+        ref.interact_2 = PointInteract(hw_size=image_size // 4)
+    ref = perturb_(ref).eval()
     rgb = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1))
-    model = build_model(_config(model_type))
+    model = build_model(_config(model_type, image_size))
     rgb_sd = {f"rgb_embed.{k}": v for k, v in rgb.state_dict().items()}
     load_torch_weights(model.mask_decoder, {**ref.state_dict(), **rgb_sd})
     return ref.to(device), rgb.to(device), model, nnx
 
 
-def _config(model_type: str):
+def _config(model_type: str, image_size: int = 1024):
     """Pi-SAM's config with the interactor; "tiny": a 64-wide ViT (the decoder then takes 64-channel features)."""
     from pisam_jax.models import ModelConfig
 
     if model_type != "tiny":
-        return ModelConfig.preset(model_type, decoder="pi", interactor=True)
+        return ModelConfig.preset(model_type, decoder="pi", interactor=True, image_size=image_size)
     enc = encoder_config("tiny")
-    return ModelConfig.preset("vit_b", decoder="pi", interactor=True, encoder_embed_dim=enc["embed_dim"],
+    return ModelConfig.preset("vit_b", decoder="pi", interactor=True, image_size=image_size,
+                              encoder_embed_dim=enc["embed_dim"],
                               encoder_depth=enc["depth"], encoder_num_heads=enc["num_heads"],
                               encoder_global_attn_indexes=tuple(enc["global_attn_indexes"]))
 
@@ -79,7 +85,7 @@ def bench_pi_predict(args) -> dict:
     from pisam_jax.models import ImageFeatures, build_model
     from pisam_jax.predictor import Predictor
 
-    model = build_model(_config(args.model_type))
+    model = build_model(_config(args.model_type, args.img_size))
     cfg, rng = model.config, np.random.default_rng(0)
     g = cfg.embedding_size
     emb = rng.standard_normal((1, g, g, cfg.prompt_embed_dim), dtype=np.float32)
@@ -108,15 +114,15 @@ def bench_pi(args) -> list[dict]:
     from references.pisam import interact
 
     args.torch_device = device = torch_device()
-    ref, rgb_embed, model, nnx = _setup(args.model_type, device)
+    ref, rgb_embed, model, nnx = _setup(args.model_type, device, args.img_size)
     dec = model.mask_decoder
     graphdef, state = nnx.split(dec)
     rng = np.random.default_rng(0)
-    c_vit = model.config.encoder_embed_dim
-    emb, dense, pe = (rng.standard_normal((1, 64, 64, 256), dtype=np.float32) for _ in range(3))
+    c_vit, g, s = model.config.encoder_embed_dim, model.config.embedding_size, model.config.image_size
+    emb, dense, pe = (rng.standard_normal((1, g, g, 256), dtype=np.float32) for _ in range(3))
     sparse = rng.standard_normal((1, 2, 256), dtype=np.float32)
-    vit = rng.standard_normal((1, 64, 64, c_vit), dtype=np.float32)
-    image = rng.standard_normal((1, 1024, 1024, 3), dtype=np.float32)
+    vit = rng.standard_normal((1, g, g, c_vit), dtype=np.float32)
+    image = rng.standard_normal((1, s, s, 3), dtype=np.float32)
     points = rng.uniform(0, 1, (1, args.clicks, 2)).astype(np.float32)
     flags = (np.arange(args.clicks) % 2 == 0).astype(np.int32)[None]
     t = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)  # noqa: E731

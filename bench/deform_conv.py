@@ -143,8 +143,8 @@ def run_case(rng: np.random.Generator, op: str, k: int, batch: int, size: int, r
     """One case, both sides, fp32 at "highest" precision: the JSON record (module docstring)."""
     inputs = make_inputs(rng, batch, size, k)
     backward = op == "forward_backward"
-    with jax.default_matmul_precision("highest"):
-        ours = jax_case(inputs, k, backward, repeats)
+    jax.config.update("jax_default_matmul_precision", "highest")  # true fp32, as torchvision without TF32
+    ours = jax_case(inputs, k, backward, repeats)
     ref = torch_case(inputs, k, backward, torch_repeats or repeats)
     record = {
         "case": f"deform_conv_{op}", "op": op, "kernel": k, "batch": batch, "shape": [batch, size, size, CHANNELS],

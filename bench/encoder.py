@@ -138,6 +138,26 @@ def torch_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def random_model(config, seed: int = 0):
+    """Our ``Sam`` of ``config`` with N(0, 0.02^2) weights drawn on the host, for timing (speed does not depend on
+    the values). ``build_model``'s initialisers compile one small program per parameter: 20-30 s on this 2-core
+    machine even for the tiny models, which this avoids."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pisam_jax.models import abstract_model
+
+    graphdef, state = nnx.split(abstract_model(config))
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return jnp.asarray(0.02 * rng.standard_normal(leaf.shape, np.float32), leaf.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(draw, state))
+
+
 def torch_synced(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` followed by a CUDA synchronise, so that wall time covers the GPU work (a no-op on CPU)."""
     import torch

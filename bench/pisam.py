@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.encoder import encoder_config, median_seconds, sides, torch_device, torch_synced
+from bench.encoder import encoder_config, median_seconds, random_model, sides, torch_device, torch_synced
 
 
 def _setup(model_type: str, device: str, image_size: int = 1024):
@@ -38,7 +38,6 @@ def _setup(model_type: str, device: str, image_size: int = 1024):
     from flax import nnx
 
     from convert.keymap import load_torch_weights
-    from pisam_jax.models import ModelConfig, build_model
     from references.pisam import MaskDecoderAE, perturb_
 
     vit_dim = encoder_config(model_type)["embed_dim"]
@@ -50,7 +49,7 @@ def _setup(model_type: str, device: str, image_size: int = 1024):
         ref.interact_2 = PointInteract(hw_size=image_size // 4)
     ref = perturb_(ref).eval()
     rgb = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1))
-    model = build_model(_config(model_type, image_size))
+    model = random_model(_config(model_type, image_size))
     rgb_sd = {f"rgb_embed.{k}": v for k, v in rgb.state_dict().items()}
     load_torch_weights(model.mask_decoder, {**ref.state_dict(), **rgb_sd})
     return ref.to(device), rgb.to(device), model, nnx
@@ -82,10 +81,10 @@ def _result(case, args, compile_s, ours_s, torch_s, ours, reference) -> dict:
 def bench_pi_predict(args) -> dict:
     """Our ``Predictor.predict(box=...)`` of a Pi-SAM model: the same work as ``decoder_sam``'s side (module doc)."""
     from bench.decoder import ORIGINAL_SIZE
-    from pisam_jax.models import ImageFeatures, build_model
+    from pisam_jax.models import ImageFeatures
     from pisam_jax.predictor import Predictor
 
-    model = build_model(_config(args.model_type, args.img_size))
+    model = random_model(_config(args.model_type, args.img_size))
     cfg, rng = model.config, np.random.default_rng(0)
     g = cfg.embedding_size
     emb = rng.standard_normal((1, g, g, cfg.prompt_embed_dim), dtype=np.float32)

@@ -127,9 +127,9 @@ def compare_stage1(name: str, batch: int, steps: int) -> dict:
     from flax import nnx
     from segment_anything.modeling import PromptEncoder
 
-    from bench.encoder import median_seconds, sides, torch_device, torch_synced
+    from bench.encoder import median_seconds, random_model, sides, torch_device, torch_synced
     from configs import common
-    from pisam_jax.models import ModelConfig, build_model
+    from pisam_jax.models import ModelConfig
     from pisam_jax.training import loop, stages
     from pisam_jax.training import step as step_lib
     from pisam_jax.training.trainable import TRAINABLE
@@ -154,28 +154,28 @@ def compare_stage1(name: str, batch: int, steps: int) -> dict:
     interm0 = rng.standard_normal((batch, g, g, c_vit), dtype=np.float32)
 
     # Ours: the training loop's jitted step on the encoder outputs given in the batch.
-    with jax.default_matmul_precision("highest"):
-        model = build_model(cfg, seed=0)
-        graphdef, train_state, frozen_state = nnx.split(model, stage.trainable(), ...)
-        del model
-        tx = step_lib.make_optimizer(steps_per_epoch=100, num_epochs=100)
-        opt_state = tx.init(train_state)
-        mesh = step_lib.make_data_mesh()
-        train_state, frozen_state, opt_state = step_lib.replicate((train_state, frozen_state, opt_state), mesh)
-        train_step = step_lib.make_train_step(graphdef, loop.loss_fn_of(stage), tx, mesh=mesh)
-        features = dict(embeddings=step_lib.shard_batch(emb, mesh), interm0=step_lib.shard_batch(interm0, mesh))
-        count = iter(range(10**6))
+    jax.config.update("jax_default_matmul_precision", "highest")  # true fp32, as torch without TF32
+    model = random_model(cfg)
+    graphdef, train_state, frozen_state = nnx.split(model, stage.trainable(), ...)
+    del model
+    tx = step_lib.make_optimizer(steps_per_epoch=100, num_epochs=100)
+    opt_state = tx.init(train_state)
+    mesh = step_lib.make_data_mesh()
+    train_state, frozen_state, opt_state = step_lib.replicate((train_state, frozen_state, opt_state), mesh)
+    train_step = step_lib.make_train_step(graphdef, loop.loss_fn_of(stage), tx, mesh=mesh)
+    features = dict(embeddings=step_lib.shard_batch(emb, mesh), interm0=step_lib.shard_batch(interm0, mesh))
+    count = iter(range(10**6))
 
-        def ours_step():
-            nonlocal train_state, opt_state
-            dev = {**step_lib.shard_batch(host, mesh), **features}
-            train_state, opt_state, m = train_step(train_state, frozen_state, opt_state, dev, jax.random.key(next(count)))
-            return jax.block_until_ready(m["loss"])
+    def ours_step():
+        nonlocal train_state, opt_state
+        dev = {**step_lib.shard_batch(host, mesh), **features}
+        train_state, opt_state, m = train_step(train_state, frozen_state, opt_state, dev, jax.random.key(next(count)))
+        return jax.block_until_ready(m["loss"])
 
-        t0 = time.perf_counter()
-        ours_step()
-        compile_s = time.perf_counter() - t0
-        ours_s = median_seconds(ours_step, steps)
+    t0 = time.perf_counter()
+    ours_step()
+    compile_s = time.perf_counter() - t0
+    ours_s = median_seconds(ours_step, steps)
 
     # PyTorch: the reference decoder, SAM's prompt encoder, the reference losses, torch.optim.Adam.
     device = torch_device()

@@ -11,10 +11,12 @@ peak memory:
     during the call, output and torchvision's im2col columns included); on CUDA: max_memory_allocated minus
     the memory allocated before the call.
 The same precision, flags and threads on both sides:
-  * float32 only, true fp32 on both: JAX at ``jax_default_matmul_precision="highest"`` (its default on GPU is
-    TF32 for the tap contractions), torch with TF32 off (``bench.encoder.torch_device``). There is no bfloat16
-    case: torchvision's deform_conv2d has no bfloat16 kernel (CPU: "deformable_im2col not implemented for
-    'BFloat16'"; CUDA dispatches float, double and half only).
+  * float32 (``--dtype``, the default): true fp32 on both, JAX at ``jax_default_matmul_precision="highest"``
+    (its default on GPU is TF32 for the tap contractions), torch with TF32 off (``bench.encoder.torch_device``).
+    bfloat16: every torchvision tensor in bfloat16 (it takes one dtype); ours x, weight and cotangent in
+    bfloat16 with the offsets and modulation float32, as our model computes (blend and tap sum in float32).
+    torchvision's CPU kernel has no bfloat16 ("deformable_im2col" not implemented for 'BFloat16'); whether its
+    CUDA kernel has depends on the torchvision version (the case then fails with torch's message).
   * On a GPU, ``bench.flags.FTZ_ATOMICS`` is set before JAX starts: it gives our scatter-add (the input
     gradient) the same flushing ``atom.add.f32`` that torchvision's ``atomicAdd`` already is (see that module).
   * CPU threads: torch gets as many as XLA's CPU client uses (``bench.encoder.threads``); on a GPU machine both
@@ -71,10 +73,13 @@ def median_ms(fn, warmup: int, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def jax_case(inputs: dict, k: int, backward: bool, repeats: int) -> dict:
-    """Compiles our op (forward, or forward + all input gradients) and times it."""
-    args = tuple(jax.device_put(inputs[n]) for n in ("x", "offset", "mask", "weight"))
-    ct = jax.device_put(inputs["cotangent"])
+def jax_case(inputs: dict, k: int, backward: bool, repeats: int, dtype: str = "float32") -> dict:
+    """Compiles our op (forward, or forward + all input gradients) and times it. bfloat16: x, weight and the
+    cotangent in bfloat16, offsets and modulation float32, as our model's deformable layers give them."""
+    cast = {"x": dtype, "weight": dtype, "cotangent": dtype}
+    put = lambda n: jax.device_put(inputs[n].astype(cast.get(n, "float32")))  # noqa: E731
+    args = tuple(put(n) for n in ("x", "offset", "mask", "weight"))
+    ct = put("cotangent")
     op = lambda x, offset, mask, weight: deform_conv2d(x, offset, mask, weight, padding=k // 2)
     if backward:
         fn = lambda args, ct: jax.vjp(op, *args)[1](ct)
@@ -112,12 +117,13 @@ def torch_peak_mb(call) -> float:
     return max(allocated, default=0) / 2**20
 
 
-def torch_case(inputs: dict, k: int, backward: bool, repeats: int) -> dict:
-    """Times torchvision's op on the same data, NCHW (on CUDA when available)."""
-    device = torch_device()
-    nchw = lambda a: torch.tensor(a.transpose(0, 3, 1, 2).copy(), device=device)
+def torch_case(inputs: dict, k: int, backward: bool, repeats: int, dtype: str = "float32") -> dict:
+    """Times torchvision's op on the same data, NCHW (on CUDA when available), every tensor in ``dtype``
+    (torchvision takes one dtype for all)."""
+    device, t_dtype = torch_device(), getattr(torch, dtype)
+    nchw = lambda a: torch.tensor(a.transpose(0, 3, 1, 2).copy(), device=device, dtype=t_dtype)
     x, offset, mask, ct = (nchw(inputs[n]) for n in ("x", "offset", "mask", "cotangent"))
-    weight = torch.tensor(inputs["weight"].transpose(3, 2, 0, 1).copy(), device=device)
+    weight = torch.tensor(inputs["weight"].transpose(3, 2, 0, 1).copy(), device=device, dtype=t_dtype)
     leaves = (x, offset, mask, weight)
     sync = torch.cuda.synchronize if ON_GPU else (lambda: None)
 
@@ -139,16 +145,16 @@ def torch_case(inputs: dict, k: int, backward: bool, repeats: int) -> dict:
 
 
 def run_case(rng: np.random.Generator, op: str, k: int, batch: int, size: int, repeats: int,
-             torch_repeats: int | None = None) -> dict:
-    """One case, both sides, fp32 at "highest" precision: the JSON record (module docstring)."""
+             torch_repeats: int | None = None, dtype: str = "float32") -> dict:
+    """One case, both sides in ``dtype`` (float32: at "highest" precision): the JSON record (module docstring)."""
     inputs = make_inputs(rng, batch, size, k)
     backward = op == "forward_backward"
     jax.config.update("jax_default_matmul_precision", "highest")  # true fp32, as torchvision without TF32
-    ours = jax_case(inputs, k, backward, repeats)
-    ref = torch_case(inputs, k, backward, torch_repeats or repeats)
+    ref = torch_case(inputs, k, backward, torch_repeats or repeats, dtype)  # first: fails where torch has no kernel
+    ours = jax_case(inputs, k, backward, repeats, dtype)
     record = {
         "case": f"deform_conv_{op}", "op": op, "kernel": k, "batch": batch, "shape": [batch, size, size, CHANNELS],
-        **sides(ours["ours_ms"] / 1e3, ref["torchvision_ms"] / 1e3, "float32", "float32", "cuda" if ON_GPU else "cpu"),
+        **sides(ours["ours_ms"] / 1e3, ref["torchvision_ms"] / 1e3, dtype, dtype, "cuda" if ON_GPU else "cpu"),
         **{key: v for key, v in {**ours, **ref}.items() if key != "ours_ms"},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
@@ -162,6 +168,7 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, nargs="+", default=[3, 7])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--size", type=int, default=256, help="feature map height and width")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' dtype")
     parser.add_argument("--ops", nargs="+", default=["forward", "forward_backward"], choices=["forward", "forward_backward"])
     args = parser.parse_args()
     print(f"threads: {threads()} (XLA's CPU client and torch)", file=sys.stderr)
@@ -169,7 +176,8 @@ def main() -> None:
     for k in args.kernels:
         for batch in args.batches:
             for op in args.ops:
-                print(json.dumps(run_case(rng, op, k, batch, args.size, args.repeats, args.torch_repeats)), flush=True)
+                record = run_case(rng, op, k, batch, args.size, args.repeats, args.torch_repeats, args.dtype)
+                print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ The cases (full size; ``--small`` runs each kind at tiny sizes, fewer repeats):
     ``torch.compile`` against our same-size time (guarded: a failure is reported, not fatal);
   * SAM and HQ-SAM decoders, 1 and 64 box prompts per call (``bench.decoder``);
   * Pi-SAM, a new box and 5 clicks (``bench.pisam``);
-  * deformable convolution 3x3 and 7x7, batch 1 and 8, forward and forward + backward (``bench.deform_conv``);
+  * deformable convolution 3x3 and 7x7, batch 1 and 8, forward and forward + backward, and the forward in
+    bfloat16 where torchvision's CUDA kernel has it (``bench.deform_conv``; not in ``--small``: none on CPU);
   * the stage-1 train step, vit_b and vit_h, batch 4 (``bench.train_step.compare_stage1``).
 Each case's record has ``ours_ms``, ``torch_ms``, ``ratio_ours_over_torch`` and each side's dtype and device
 (fairness: see each bench's docstring). A case that fails is a line with ``error``; cases left when
@@ -58,12 +59,12 @@ def _pi(model_type, img_size, repeats) -> Callable[[], list[dict]]:
     return lambda: bench_pi(Namespace(model_type=model_type, img_size=img_size, clicks=5, repeats=repeats))
 
 
-def _deform(op, k, batch, size, repeats) -> Callable[[], list[dict]]:
+def _deform(op, k, batch, size, repeats, dtype="float32") -> Callable[[], list[dict]]:
     import numpy as np
 
     from bench.deform_conv import run_case
 
-    return lambda: [run_case(np.random.default_rng(0), op, k, batch, size, repeats)]
+    return lambda: [run_case(np.random.default_rng(0), op, k, batch, size, repeats, dtype=dtype)]
 
 
 def _train(name, batch, steps) -> Callable[[], list[dict]]:
@@ -96,6 +97,10 @@ def cases(small: bool) -> Iterator[Case]:
         for k in (3, 7):
             for b in batches:
                 yield f"deformable conv {op} {k}x{k}, batch {b}", _deform(op, k, b, 32 if small else 256, fast)
+    if not small:  # torchvision's CPU kernel has no bfloat16; its CUDA kernel may (bench/deform_conv.py)
+        for k in (3, 7):
+            for b in batches:
+                yield f"deformable conv forward {k}x{k}, batch {b}, bfloat16", _deform("forward", k, b, 256, fast, "bfloat16")
     for name in (["tiny128"] if small else ["vit_b", "vit_h"]):
         yield f"stage-1 train step {name}, batch {2 if small else 4}", _train(name, 2 if small else 4, 1 if small else 5)
     for vit in vits:

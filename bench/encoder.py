@@ -153,7 +153,7 @@ def random_model(config, seed: int = 0):
     def draw(leaf):
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             return jnp.zeros(leaf.shape, leaf.dtype)
-        return jnp.asarray(0.02 * rng.standard_normal(leaf.shape, np.float32), leaf.dtype)
+        return jnp.asarray(0.02 * rng.standard_normal(leaf.shape, dtype=np.float32), leaf.dtype)
 
     return nnx.merge(graphdef, jax.tree.map(draw, state))
 
@@ -212,13 +212,15 @@ def sdpa_attention_(encoder) -> None:
             module.forward = forward.__get__(module)
 
 
-def torch_encoder(cfg: dict):
-    """segment_anything's ``ImageEncoderViT`` of ``cfg``, random weights (position tables too), eval mode, fp32."""
+def torch_encoder(cfg: dict, device: str = "cpu"):
+    """segment_anything's ``ImageEncoderViT`` of ``cfg`` on ``device`` (initialised there: seconds less for vit_h
+    on a GPU), random weights (position tables too), eval mode, fp32."""
     import torch
     from segment_anything.modeling.image_encoder import ImageEncoderViT as TorchEncoder
 
     torch.manual_seed(0)
-    ref = TorchEncoder(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, **cfg).eval()
+    with torch.device(device):
+        ref = TorchEncoder(norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True, **cfg).eval()
     with torch.no_grad():  # the reference zero-initialises these; random values make the check meaningful
         for name, p in ref.named_parameters():
             if "rel_pos" in name or "pos_embed" in name:
@@ -233,7 +235,7 @@ def bench_torch_compile(args) -> dict:
     dtype = getattr(args, "dtype", "bfloat16")
     device = torch_device()
     cfg = dict(img_size=args.img_size, window_size=14, **encoder_config(args.model_type))
-    ref = torch_encoder(cfg).to(device=device, dtype=getattr(torch, dtype))
+    ref = torch_encoder(cfg, device).to(dtype=getattr(torch, dtype))
     if dtype == "bfloat16":
         sdpa_attention_(ref)
     image = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device, dtype=getattr(torch, dtype))
@@ -253,7 +255,7 @@ def bench_encoder(args) -> dict:
     dtype = getattr(args, "dtype", "float32")
     cfg = dict(img_size=args.img_size, window_size=14, **encoder_config(args.model_type))
     device = torch_device()
-    ref = torch_encoder(cfg)
+    ref = torch_encoder(cfg, device)
     ours = nnx.eval_shape(lambda: ImageEncoderViT(**cfg, rngs=nnx.Rngs(0)))
     load_torch_weights(ours, ref.state_dict())
     set_compute_dtype(ours, dtype)

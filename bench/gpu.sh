@@ -2,8 +2,10 @@
 # The whole ours-vs-PyTorch comparison (bench/gpu.py): on one GPU in at most 8 minutes (one H200), or with
 # --small every kind of case at tiny sizes on the CPU (about a minute and a half; tests/test_bench.py runs it).
 #
-#   bash bench/gpu.sh [--small] [OUT.jsonl]
+#   bash bench/gpu.sh [--small] [OUT.jsonl] [-- ARGS]
 #
+# ARGS go to python -m bench.gpu, e.g. `-- --only "vit_h"` to run only the cases whose label names vit_h (a
+# second session's way to finish what a spent time budget left out: their lines say "skipped").
 # OUT.jsonl (default: $OUT/bench_gpu.jsonl where $OUT is set, else ./bench_gpu.jsonl) gets one JSON line per
 # case; the Markdown table (the README's) goes to stdout at the end and to OUT.jsonl's .md sibling. Neither
 # file may exist beforehand: nothing is overwritten. Needs jax (any version with a CUDA build on a GPU machine),
@@ -22,17 +24,20 @@
 #     both sides. Threads (CPU): torch gets as many as XLA's CPU client uses.
 set -euo pipefail
 
-usage="usage: bash bench/gpu.sh [--small] [OUT.jsonl]"
+usage="usage: bash bench/gpu.sh [--small] [OUT.jsonl] [-- ARGS for python -m bench.gpu]"
 small=()
 out=""
-for arg in "$@"; do
+while [[ $# -gt 0 ]]; do
+  arg="$1"; shift
   case "$arg" in
+    --) break ;;
     --small) small=(--small) ;;
     -h|--help) echo "$usage"; exit 0 ;;
     -*) echo "gpu.sh: unknown option '$arg'; $usage" >&2; exit 2 ;;
     *) [[ -z "$out" ]] || { echo "gpu.sh: more than one output file given; $usage" >&2; exit 2; }; out="$arg" ;;
   esac
 done
+extra=("$@")
 if [[ -z "$out" ]]; then out="${OUT:+$OUT/}bench_gpu.jsonl"; fi
 table="${out%.jsonl}.md"
 for f in "$out" "$table"; do
@@ -65,6 +70,6 @@ if [[ -n "$missing" ]]; then echo "gpu.sh: missing Python packages: $missing; in
 python -c 'import jax, torch; print(f"jax {jax.__version__} on {jax.devices()[0]}, torch {torch.__version__}, cuda {torch.cuda.is_available()}")' >&2
 status=0
 timeout --signal=TERM --kill-after=20 "$limit" \
-  python -m bench.gpu "${small[@]}" --out "$out" --table "$table" --budget-s "$budget" || status=$?
+  python -m bench.gpu "${small[@]}" --out "$out" --table "$table" --budget-s "$budget" "${extra[@]}" || status=$?
 echo "gpu.sh: $(wc -l < "$out") JSON lines in $out, table in $table (exit $status)" >&2
 exit "$status"

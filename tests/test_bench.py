@@ -73,4 +73,5 @@ def test_gpu_sh_refuses_an_existing_output_and_leaves_it(tmp_path):
 def test_gpu_sh_rejects_an_unknown_option():
     proc = subprocess.run(["bash", str(GPU_SH), "--tiny"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "gpu.sh: unknown option '--tiny'; usage: bash bench/gpu.sh [--small] [OUT.jsonl]"
+    assert proc.stderr.strip() == (
+        "gpu.sh: unknown option '--tiny'; usage: bash bench/gpu.sh [--small] [OUT.jsonl] [-- ARGS for python -m bench.gpu]")

@@ -3,15 +3,24 @@
     python -m bench.deform_conv [--repeats 5] [--torch-repeats N] [--kernels 3 7] [--batches 1 4] [--size 256]
 
 Cases: forward and forward+backward (gradients w.r.t. input, offset, mask and weight, with a random cotangent),
-per kernel size and batch, on a (B, size, size, 32) map with 'same' padding, fp32. One JSON line per case:
+per kernel size and batch, on a (B, size, size, 32) map with 'same' padding. One JSON line per case:
 median wall times after warm-up (JAX compile time reported separately), the ratio ours / torchvision, and
 peak memory:
   * ours: ``compiled.memory_analysis()``, temp + output bytes of the jitted function (arguments excluded);
   * torchvision on CPU: the torch profiler's peak "Total Allocated" over one call (tensor allocations made
     during the call, output and torchvision's im2col columns included); on CUDA: max_memory_allocated minus
     the memory allocated before the call.
-Both frameworks use the same number of CPU threads (--threads, default 2). On a GPU machine JAX and torch both
-run on the GPU.
+The same precision, flags and threads on both sides:
+  * float32 (``--dtype``, the default): true fp32 on both, JAX at ``jax_default_matmul_precision="highest"``
+    (its default on GPU is TF32 for the tap contractions), torch with TF32 off (``bench.encoder.torch_device``).
+    bfloat16: every torchvision tensor in bfloat16 (it takes one dtype); ours x, weight and cotangent in
+    bfloat16 with the offsets and modulation float32, as our model computes (blend and tap sum in float32).
+    torchvision's CPU kernel has no bfloat16 ("deformable_im2col" not implemented for 'BFloat16'); whether its
+    CUDA kernel has depends on the torchvision version (the case then fails with torch's message).
+  * On a GPU, ``bench.flags.FTZ_ATOMICS`` is set before JAX starts: it gives our scatter-add (the input
+    gradient) the same flushing ``atom.add.f32`` that torchvision's ``atomicAdd`` already is (see that module).
+  * CPU threads: torch gets as many as XLA's CPU client uses (``bench.encoder.threads``); on a GPU machine both
+    run on the GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -27,14 +37,14 @@ import numpy as np
 import torch
 import torchvision
 
+from bench.flags import set_gpu_xla_flags
+
 ON_GPU = torch.cuda.is_available()
-if ON_GPU:
-    # jaxlib 0.10.2 lowers f32 scatter-add (the input gradient) to a CAS loop on GPU; allowing FTZ atomics
-    # restores atom.add.f32. Must be set before JAX initialises its backend.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_extra_options=-nvptx-allow-ftz-atomics").strip()
+set_gpu_xla_flags()  # before JAX initialises its backend
 
 import jax  # noqa: E402
 
+from bench.encoder import sides, threads, torch_device  # noqa: E402
 from pisam_jax.ops.deform_conv import deform_conv2d  # noqa: E402
 
 CHANNELS = 32
@@ -63,10 +73,13 @@ def median_ms(fn, warmup: int, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def jax_case(inputs: dict, k: int, backward: bool, repeats: int) -> dict:
-    """Compiles our op (forward, or forward + all input gradients) and times it."""
-    args = tuple(jax.device_put(inputs[n]) for n in ("x", "offset", "mask", "weight"))
-    ct = jax.device_put(inputs["cotangent"])
+def jax_case(inputs: dict, k: int, backward: bool, repeats: int, dtype: str = "float32") -> dict:
+    """Compiles our op (forward, or forward + all input gradients) and times it. bfloat16: x, weight and the
+    cotangent in bfloat16, offsets and modulation float32, as our model's deformable layers give them."""
+    cast = {"x": dtype, "weight": dtype, "cotangent": dtype}
+    put = lambda n: jax.device_put(inputs[n].astype(cast.get(n, "float32")))  # noqa: E731
+    args = tuple(put(n) for n in ("x", "offset", "mask", "weight"))
+    ct = put("cotangent")
     op = lambda x, offset, mask, weight: deform_conv2d(x, offset, mask, weight, padding=k // 2)
     if backward:
         fn = lambda args, ct: jax.vjp(op, *args)[1](ct)
@@ -104,12 +117,13 @@ def torch_peak_mb(call) -> float:
     return max(allocated, default=0) / 2**20
 
 
-def torch_case(inputs: dict, k: int, backward: bool, repeats: int) -> dict:
-    """Times torchvision's op on the same data, NCHW (on CUDA when available)."""
-    device = "cuda" if ON_GPU else "cpu"
-    nchw = lambda a: torch.tensor(a.transpose(0, 3, 1, 2).copy(), device=device)
+def torch_case(inputs: dict, k: int, backward: bool, repeats: int, dtype: str = "float32") -> dict:
+    """Times torchvision's op on the same data, NCHW (on CUDA when available), every tensor in ``dtype``
+    (torchvision takes one dtype for all)."""
+    device, t_dtype = torch_device(), getattr(torch, dtype)
+    nchw = lambda a: torch.tensor(a.transpose(0, 3, 1, 2).copy(), device=device, dtype=t_dtype)
     x, offset, mask, ct = (nchw(inputs[n]) for n in ("x", "offset", "mask", "cotangent"))
-    weight = torch.tensor(inputs["weight"].transpose(3, 2, 0, 1).copy(), device=device)
+    weight = torch.tensor(inputs["weight"].transpose(3, 2, 0, 1).copy(), device=device, dtype=t_dtype)
     leaves = (x, offset, mask, weight)
     sync = torch.cuda.synchronize if ON_GPU else (lambda: None)
 
@@ -130,6 +144,23 @@ def torch_case(inputs: dict, k: int, backward: bool, repeats: int) -> dict:
     }
 
 
+def run_case(rng: np.random.Generator, op: str, k: int, batch: int, size: int, repeats: int,
+             torch_repeats: int | None = None, dtype: str = "float32") -> dict:
+    """One case, both sides in ``dtype`` (float32: at "highest" precision): the JSON record (module docstring)."""
+    inputs = make_inputs(rng, batch, size, k)
+    backward = op == "forward_backward"
+    jax.config.update("jax_default_matmul_precision", "highest")  # true fp32, as torchvision without TF32
+    ref = torch_case(inputs, k, backward, torch_repeats or repeats, dtype)  # first: fails where torch has no kernel
+    ours = jax_case(inputs, k, backward, repeats, dtype)
+    record = {
+        "case": f"deform_conv_{op}", "op": op, "kernel": k, "batch": batch, "shape": [batch, size, size, CHANNELS],
+        **sides(ours["ours_ms"] / 1e3, ref["torchvision_ms"] / 1e3, dtype, dtype, "cuda" if ON_GPU else "cpu"),
+        **{key: v for key, v in {**ours, **ref}.items() if key != "ours_ms"},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    return {key: round(v, 3) if isinstance(v, float) else v for key, v in record.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of our op per case (median reported)")
@@ -137,32 +168,16 @@ def main() -> None:
     parser.add_argument("--kernels", type=int, nargs="+", default=[3, 7])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--size", type=int, default=256, help="feature map height and width")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' dtype")
     parser.add_argument("--ops", nargs="+", default=["forward", "forward_backward"], choices=["forward", "forward_backward"])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (JAX uses the CPU cores it sees)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.cuda.get_device_name() if ON_GPU else f"cpu ({os.cpu_count()} cores, torch threads {args.threads})"
-
+    print(f"threads: {threads()} (XLA's CPU client and torch)", file=sys.stderr)
     rng = np.random.default_rng(0)
     for k in args.kernels:
         for batch in args.batches:
-            inputs = make_inputs(rng, batch, args.size, k)
             for op in args.ops:
-                backward = op == "forward_backward"
-                ours = jax_case(inputs, k, backward, args.repeats)
-                ref = torch_case(inputs, k, backward, args.torch_repeats or args.repeats)
-                record = {
-                    "op": op,
-                    "kernel": k,
-                    "batch": batch,
-                    "shape": [batch, args.size, args.size, CHANNELS],
-                    **ours,
-                    **ref,
-                    "ratio": ours["ours_ms"] / ref["torchvision_ms"],
-                    "device": device,
-                    "jax_backend": jax.default_backend(),
-                }
-                print(json.dumps({key: round(v, 3) if isinstance(v, float) else v for key, v in record.items()}), flush=True)
+                record = run_case(rng, op, k, batch, args.size, args.repeats, args.torch_repeats, args.dtype)
+                print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from bench.encoder import _device
+from bench.flags import add_code_paths_flag, code_paths, use_code_paths
 
 MODELS = ("sam", "hq", "pisam")  # quickstart.py's exports, WORKDIR/<name>/export
 HELD_OUT = "DIS5K-VD"
@@ -63,13 +64,6 @@ def fail(message: str) -> None:
     """Bad input: one line on stderr, exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def code_paths() -> str:
-    """Which code paths ran: "cpu" or "accelerator" (``modeling.common.cpu_paths``)."""
-    from pisam_jax.modeling import common
-
-    return "cpu" if common.cpu_paths() else "accelerator"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,13 +293,9 @@ def main(argv=None) -> None:
                         help="images for the clicks, worst first (0: every eligible one; the quickstart uses 20)")
     parser.add_argument("--seed", type=int, default=0, help="the clicks' seed (the quickstart's --seed), vit_b's")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--code-paths", choices=["cpu", "accelerator"], default=None,
-                        help="force the CPU or the accelerator code paths (modeling.common.CODE_PATHS; default: "
-                             "by backend). accelerator on a CPU: fused attention with its bias, as on GPUs and TPUs")
+    add_code_paths_flag(parser)
     args = parser.parse_args(argv)
-    from pisam_jax.modeling import common
-
-    common.CODE_PATHS = args.code_paths
+    use_code_paths(args.code_paths)
     try:
         args.clicks = sorted({int(k) for k in args.clicks.split(",") if k.strip()})
     except ValueError:

@@ -24,3 +24,25 @@ def set_gpu_xla_flags() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if torch.cuda.is_available() and FTZ_ATOMICS not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {FTZ_ATOMICS}".strip()
+
+
+def add_code_paths_flag(parser) -> None:
+    """``--code-paths cpu|accelerator``: which of the model's code paths run (``modeling.common.CODE_PATHS``);
+    ``accelerator`` on a CPU runs the GPU/TPU paths (fused attention with its bias, whole-array heads)."""
+    parser.add_argument("--code-paths", choices=["cpu", "accelerator"], default=None,
+                        help="force the CPU or the accelerator code paths (default: the backend's own); "
+                             "accelerator on a CPU: the GPU/TPU paths, e.g. to count their kernels")
+
+
+def use_code_paths(name: str | None) -> None:
+    """Sets the code paths ``--code-paths`` named (None: the backend's own)."""
+    from pisam_jax.modeling import common
+
+    common.CODE_PATHS = name
+
+
+def code_paths() -> str:
+    """Which code paths run: "cpu" or "accelerator" (``modeling.common.cpu_paths``)."""
+    from pisam_jax.modeling import common
+
+    return "cpu" if common.cpu_paths() else "accelerator"

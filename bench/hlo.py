@@ -1,7 +1,7 @@
 """How many kernels one call launches: the compiled HLO of the decoders and of the deformable convolution.
 
     python -m bench.hlo [--cases decoder_sam decoder_hq pi_box pi_clicks deform3 deform7] [--model-type vit_b]
-                        [--paths cpu|accelerator]
+                        [--code-paths cpu|accelerator]
 
 Prints one JSON line per case, on whatever backend JAX runs (the GPU's counts come from ``bench/gpu.sh``):
   * ``kernels``: the executable's operations that run as kernels (fusions, matmuls, convolutions, library calls,
@@ -22,12 +22,12 @@ import argparse
 import collections
 import json
 import re
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bench.flags import add_code_paths_flag, code_paths, use_code_paths
 
 NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier", "after-all",
                "partition-id", "replica-id", "add-dependency"}
@@ -104,17 +104,11 @@ def _params(predictor):
 
 
 def _host_overhead_us(call, jitted, repeats: int) -> float:
-    """Median wall time of ``call`` minus the median of ``jitted`` (its device work, synchronised)."""
-    def median(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    """Median wall time of ``call`` minus the median of ``jitted`` (its device work, synchronised), each warmed."""
+    from bench.encoder import median_seconds
 
-    return round(1e6 * (median(call) - median(jitted)), 1)
+    call(), jitted()
+    return round(1e6 * (median_seconds(call, repeats) - median_seconds(jitted, repeats)), 1)
 
 
 def bench_decoder(args, decoder: str) -> dict:
@@ -182,17 +176,13 @@ def main(argv=None) -> None:
     parser.add_argument("--model-type", default="vit_b", choices=["vit_b", "vit_l", "vit_h"])
     parser.add_argument("--repeats", type=int, default=10, help="timed predictor calls for the host overhead")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--paths", choices=["cpu", "accelerator"], default=None,
-                        help="the code paths to compile (default: the backend's own); 'accelerator' on the CPU "
-                             "counts the kernels of the GPU/TPU paths before spending device time")
+    add_code_paths_flag(parser)
     args = parser.parse_args(argv)
-    from pisam_jax.modeling import common
-
-    common.CODE_PATHS = args.paths
+    use_code_paths(args.code_paths)
     device = jax.devices()[0]
     for case in args.cases:
         result = {**CASES[case](args), "backend": jax.default_backend(), "device": device.device_kind,
-                  "paths": "cpu" if common.cpu_paths() else "accelerator"}
+                  "code_paths": code_paths()}
         print(json.dumps(result), flush=True)
 
 

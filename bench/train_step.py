@@ -43,10 +43,26 @@ CASES = {
 }
 
 
+def jitted_step(model, stage):
+    """The training loop's pieces for ``model`` at ``stage`` on this host's devices: (graphdef, train_state,
+    frozen_state, opt_state, mesh, the jitted train step)."""
+    from flax import nnx
+
+    from pisam_jax.training import loop
+    from pisam_jax.training import step as step_lib
+
+    graphdef, train_state, frozen_state = nnx.split(model, stage.trainable(), ...)
+    tx = step_lib.make_optimizer(steps_per_epoch=100, num_epochs=100)
+    opt_state = tx.init(train_state)
+    mesh = step_lib.make_data_mesh()
+    train_state, frozen_state, opt_state = step_lib.replicate((train_state, frozen_state, opt_state), mesh)
+    return graphdef, train_state, frozen_state, opt_state, mesh, step_lib.make_train_step(
+        graphdef, loop.loss_fn_of(stage), tx, mesh=mesh)
+
+
 def run_case(name: str, batch: int, cache: bool, steps: int, stage: int = 1) -> dict:
     import jax
     import numpy as np
-    from flax import nnx
 
     from configs import common
     from pisam_jax.models import ModelConfig, build_model
@@ -57,16 +73,10 @@ def run_case(name: str, batch: int, cache: bool, steps: int, stage: int = 1) -> 
     cfg = ModelConfig.preset(fields.pop("model_type"), "pi", interactor=stage == 2, **fields)
     model = build_model(cfg, seed=0)
     config = common.get_config()
-    config.stage = "stage1"
-    stage = stages.get(config)
-    graphdef, train_state, frozen_state = nnx.split(model, stage.trainable(), ...)
+    config.stage = f"stage{stage}"
+    graphdef, train_state, frozen_state, opt_state, mesh, train_step = jitted_step(model, stages.get(config))
     del model
-    tx = step_lib.make_optimizer(steps_per_epoch=100, num_epochs=100)
-    opt_state = tx.init(train_state)
-    mesh = step_lib.make_data_mesh()
-    train_state, frozen_state, opt_state = step_lib.replicate((train_state, frozen_state, opt_state), mesh)
     encode = loop.make_encode(graphdef, mesh)
-    train_step = step_lib.make_train_step(graphdef, loop.loss_fn_of(stage), tx, mesh=mesh)
 
     s = cfg.image_size
     rng = np.random.default_rng(0)
@@ -124,13 +134,12 @@ def compare_stage1(name: str, batch: int, steps: int) -> dict:
     import jax
     import numpy as np
     import torch
-    from flax import nnx
     from segment_anything.modeling import PromptEncoder
 
     from bench.encoder import median_seconds, random_model, sides, torch_device, torch_synced
     from configs import common
     from pisam_jax.models import ModelConfig
-    from pisam_jax.training import loop, stages
+    from pisam_jax.training import stages
     from pisam_jax.training import step as step_lib
     from pisam_jax.training.trainable import TRAINABLE
     from pisam_jax.transforms import PIXEL_MEAN, PIXEL_STD
@@ -155,14 +164,7 @@ def compare_stage1(name: str, batch: int, steps: int) -> dict:
 
     # Ours: the training loop's jitted step on the encoder outputs given in the batch.
     jax.config.update("jax_default_matmul_precision", "highest")  # true fp32, as torch without TF32
-    model = random_model(cfg)
-    graphdef, train_state, frozen_state = nnx.split(model, stage.trainable(), ...)
-    del model
-    tx = step_lib.make_optimizer(steps_per_epoch=100, num_epochs=100)
-    opt_state = tx.init(train_state)
-    mesh = step_lib.make_data_mesh()
-    train_state, frozen_state, opt_state = step_lib.replicate((train_state, frozen_state, opt_state), mesh)
-    train_step = step_lib.make_train_step(graphdef, loop.loss_fn_of(stage), tx, mesh=mesh)
+    _, train_state, frozen_state, opt_state, mesh, train_step = jitted_step(random_model(cfg), stage)
     features = dict(embeddings=step_lib.shard_batch(emb, mesh), interm0=step_lib.shard_batch(interm0, mesh))
     count = iter(range(10**6))
 

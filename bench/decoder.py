@@ -33,7 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.encoder import encoder_config, median_seconds, sides, torch_device, torch_synced
+from bench.encoder import (
+    encoder_config,
+    median_seconds,
+    model_config,
+    random_model,
+    sides,
+    torch_device,
+    torch_synced,
+)
 
 ORIGINAL_SIZE = (768, 1024)  # a 4:3 landscape photo: resized to 768x1024, padded to 1024
 
@@ -41,20 +49,30 @@ ORIGINAL_SIZE = (768, 1024)  # a 4:3 landscape photo: resized to 768x1024, padde
 def _models(model_type: str, decoder: str, image_size: int = 1024):
     """(torch Sam, our Sam) with the same random weights; ``model_type`` "tiny" is a 2-block ViT."""
     from convert.keymap import load_torch_weights
-    from pisam_jax.models import ModelConfig, abstract_model
+    from pisam_jax.models import abstract_model
 
-    enc = encoder_config(model_type)
     if decoder == "hq":
         from references.hq import build_torch_hq_sam as build
     else:
         from references.sam import build_torch_sam as build
-    ref = build(image_size, **enc)
-    ours = abstract_model(ModelConfig.preset(
-        "vit_b" if model_type == "tiny" else model_type, decoder=decoder, image_size=image_size,
-        encoder_embed_dim=enc["embed_dim"], encoder_depth=enc["depth"], encoder_num_heads=enc["num_heads"],
-        encoder_global_attn_indexes=tuple(enc["global_attn_indexes"])))
+    ref = build(image_size, **encoder_config(model_type))
+    ours = abstract_model(model_config(model_type, decoder, image_size))
     load_torch_weights(ours, ref.state_dict())
     return ref, ours
+
+
+def _input_size(config) -> tuple[int, int]:
+    """``ORIGINAL_SIZE`` resized to the model's input (longest side ``image_size``)."""
+    return tuple(round(s * config.image_size / max(ORIGINAL_SIZE)) for s in ORIGINAL_SIZE)
+
+
+def _random_features(config, rng) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Random image features of ``config``: the embedding (1, g, g, 256) and the global blocks' outputs."""
+    g = config.embedding_size
+    emb = rng.standard_normal((1, g, g, config.prompt_embed_dim), dtype=np.float32)
+    interm = [rng.standard_normal((1, g, g, config.encoder_embed_dim), dtype=np.float32)
+              for _ in config.encoder_global_attn_indexes]  # fmt: skip
+    return emb, interm
 
 
 def _set_features(ours, ref, config, rng, device: str) -> None:
@@ -63,16 +81,30 @@ def _set_features(ours, ref, config, rng, device: str) -> None:
 
     from pisam_jax.models import ImageFeatures
 
-    g = config.embedding_size
-    emb = rng.standard_normal((1, g, g, config.prompt_embed_dim), dtype=np.float32)
-    interm = [rng.standard_normal((1, g, g, config.encoder_embed_dim), dtype=np.float32)
-              for _ in config.encoder_global_attn_indexes]  # fmt: skip
-    input_size = tuple(round(s * config.image_size / max(ORIGINAL_SIZE)) for s in ORIGINAL_SIZE)
+    emb, interm = _random_features(config, rng)
+    input_size = _input_size(config)
     ours.set_features(ImageFeatures(jnp.asarray(emb), tuple(jnp.asarray(x) for x in interm)), ORIGINAL_SIZE, input_size)
     ref.reset_image()
     ref.features = torch.from_numpy(emb.transpose(0, 3, 1, 2).copy()).to(device)
     ref.interm_features = [torch.from_numpy(x).to(device) for x in interm]  # HQ-SAM's predictor reads these
     ref.original_size, ref.input_size, ref.is_image_set = ORIGINAL_SIZE, input_size, True
+
+
+def random_predictor(config):
+    """Our ``Predictor`` of a random-weight model of ``config``, random image features set for an
+    ``ORIGINAL_SIZE`` image (the RGB embedding too for Pi-SAM), as ``set_image`` would leave them."""
+    from pisam_jax.models import ImageFeatures
+    from pisam_jax.predictor import Predictor
+
+    rng = np.random.default_rng(0)
+    emb, interm = _random_features(config, rng)
+    rgb = None
+    if config.decoder == "pi":
+        rgb = jnp.asarray(rng.standard_normal((1, config.image_size, config.image_size, 8), dtype=np.float32))
+    predictor = Predictor(random_model(config))
+    features = ImageFeatures(jnp.asarray(emb), tuple(map(jnp.asarray, interm)), rgb=rgb)
+    predictor.set_features(features, ORIGINAL_SIZE, _input_size(config))
+    return predictor
 
 
 def bench_decoder(args, decoder: str) -> dict:

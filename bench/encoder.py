@@ -187,6 +187,18 @@ def encoder_config(model_type: str) -> dict:
     return TINY_ENCODER if model_type == "tiny" else ENCODER_CONFIGS[model_type]
 
 
+def model_config(model_type: str, decoder: str, image_size: int = 1024, **fields):
+    """Our ``ModelConfig`` of ``model_type`` ("vit_b", ..., or "tiny": ``TINY_ENCODER`` with SAM's decoder)."""
+    from pisam_jax.models import ModelConfig
+
+    if model_type != "tiny":
+        return ModelConfig.preset(model_type, decoder=decoder, image_size=image_size, **fields)
+    tiny = TINY_ENCODER
+    return ModelConfig.preset("vit_b", decoder=decoder, image_size=image_size, encoder_embed_dim=tiny["embed_dim"],
+                              encoder_depth=tiny["depth"], encoder_num_heads=tiny["num_heads"],
+                              encoder_global_attn_indexes=tiny["global_attn_indexes"], **fields)
+
+
 def sdpa_attention_(encoder) -> None:
     """Runs every attention of segment_anything's ``ImageEncoderViT`` through ``F.scaled_dot_product_attention``,
     in place: the decomposed rel-pos term (``add_decomposed_rel_pos`` on zero logits) is the additive mask."""
@@ -296,7 +308,7 @@ def bench_encoder(args) -> dict:
     y, _ = run_ours()
 
     err = float(np.abs(np.asarray(y, np.float32) - y_ref).max())
-    out = {
+    return {
         "case": "encoder",
         "model_type": args.model_type,
         "img_size": args.img_size,
@@ -314,7 +326,6 @@ def bench_encoder(args) -> dict:
         "max_abs_err": err,
         "max_rel_err": err / float(np.abs(y_ref).max()),
     }
-    return out
 
 
 def time_torch_compile(module, image, repeats: int) -> dict:

@@ -79,28 +79,10 @@ def kernel_counts(compiled) -> dict:
 
 def _predictor(model_type: str, decoder: str):
     """A Predictor of a random model with random image features set for a 768x1024 image."""
-    from pisam_jax.models import ImageFeatures, ModelConfig, abstract_model
-    from pisam_jax.predictor import Predictor
+    from bench.decoder import random_predictor
+    from bench.encoder import model_config
 
-    cfg = ModelConfig.preset(model_type, decoder=decoder, interactor=decoder == "pi")
-    model = abstract_model(cfg)
-    from flax import nnx
-
-    graphdef, state = nnx.split(model)
-    rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.02), state)
-    predictor = Predictor(nnx.merge(graphdef, state))
-    g = cfg.embedding_size
-    emb = jnp.asarray(rng.standard_normal((1, g, g, 256), np.float32))
-    interm = tuple(jnp.asarray(rng.standard_normal((1, g, g, cfg.encoder_embed_dim), np.float32))
-                   for _ in cfg.encoder_global_attn_indexes)
-    rgb = jnp.asarray(rng.standard_normal((1, cfg.image_size, cfg.image_size, 8), np.float32)) if decoder == "pi" else None
-    predictor.set_features(ImageFeatures(emb, interm, rgb), (768, 1024), (768, 1024))
-    return predictor
-
-
-def _params(predictor):
-    return getattr(predictor, "_params", None) or getattr(predictor, "_state")
+    return random_predictor(model_config(model_type, decoder, interactor=decoder == "pi"))
 
 
 def _host_overhead_us(call, jitted, repeats: int) -> float:
@@ -116,19 +98,15 @@ def bench_decoder(args, decoder: str) -> dict:
     box = np.array([[100.0, 120.0, 600.0, 500.0]], np.float32)
     boxes = jnp.asarray(box * 1024 / 1024)[None]
     kw = dict(multimask_output=False, hq_token_only=False)
-    decode = p._decode.lower(_params(p), p.features, None, boxes, None, **kw).compile()
-    low_res = p._decode(_params(p), p.features, None, boxes, None, **kw)[1]
+    decode = p._decode.lower(p._params, p.features, None, boxes, None, **kw).compile()
+    low_res = p._decode(p._params, p.features, None, boxes, None, **kw)[1]
     up_kw = dict(input_size=p.input_size, original_size=p.original_size, size=p.image_size)
-    try:
-        upsample = p._to_original.lower(low_res, logits=False, **up_kw).compile()
-        up = lambda: p._to_original(low_res, logits=False, **up_kw)  # noqa: E731
-    except TypeError:  # before the threshold moved onto the device
-        upsample = p._to_original.lower(low_res, **up_kw).compile()
-        up = lambda: p._to_original(low_res, **up_kw)  # noqa: E731
+    upsample = p._to_original.lower(low_res, logits=False, **up_kw).compile()
+    up = lambda: p._to_original(low_res, logits=False, **up_kw)  # noqa: E731
     counts = {k: a + b for (k, a), b in zip(kernel_counts(decode).items(), kernel_counts(upsample).values())}
 
     def jitted():
-        jax.block_until_ready((p._decode(_params(p), p.features, None, boxes, None, **kw), up()))
+        jax.block_until_ready((p._decode(p._params, p.features, None, boxes, None, **kw), up()))
 
     overhead = _host_overhead_us(lambda: p.predict(box=box[0], multimask_output=False), jitted, args.repeats)
     return {"case": f"decoder_{decoder}", **counts, "host_overhead_us": overhead}
@@ -138,7 +116,7 @@ def bench_pi(args, clicks: int) -> dict:
     p = _predictor(args.model_type, "pi")
     box = np.array([100.0, 120.0, 600.0, 500.0], np.float32)
     p.predict(box=box)
-    params, feats, base = _params(p), p.features, p.pi_base
+    params, feats, base = p._params, p.features, p.pi_base
     boxes = jnp.asarray(box)[None, None]
     counts = collections.Counter()
     click_arrays = None

@@ -30,7 +30,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.encoder import encoder_config, median_seconds, random_model, sides, torch_device, torch_synced
+from bench.encoder import (
+    encoder_config,
+    median_seconds,
+    model_config,
+    random_model,
+    sides,
+    torch_device,
+    torch_synced,
+)
 
 
 def _setup(model_type: str, device: str, image_size: int = 1024):
@@ -57,15 +65,7 @@ def _setup(model_type: str, device: str, image_size: int = 1024):
 
 def _config(model_type: str, image_size: int = 1024):
     """Pi-SAM's config with the interactor; "tiny": a 64-wide ViT (the decoder then takes 64-channel features)."""
-    from pisam_jax.models import ModelConfig
-
-    if model_type != "tiny":
-        return ModelConfig.preset(model_type, decoder="pi", interactor=True, image_size=image_size)
-    enc = encoder_config("tiny")
-    return ModelConfig.preset("vit_b", decoder="pi", interactor=True, image_size=image_size,
-                              encoder_embed_dim=enc["embed_dim"],
-                              encoder_depth=enc["depth"], encoder_num_heads=enc["num_heads"],
-                              encoder_global_attn_indexes=tuple(enc["global_attn_indexes"]))
+    return model_config(model_type, "pi", image_size, interactor=True)
 
 
 def _result(case, args, compile_s, ours_s, torch_s, ours, reference) -> dict:
@@ -80,21 +80,9 @@ def _result(case, args, compile_s, ours_s, torch_s, ours, reference) -> dict:
 
 def bench_pi_predict(args) -> dict:
     """Our ``Predictor.predict(box=...)`` of a Pi-SAM model: the same work as ``decoder_sam``'s side (module doc)."""
-    from bench.decoder import ORIGINAL_SIZE
-    from pisam_jax.models import ImageFeatures
-    from pisam_jax.predictor import Predictor
+    from bench.decoder import ORIGINAL_SIZE, random_predictor
 
-    model = random_model(_config(args.model_type, args.img_size))
-    cfg, rng = model.config, np.random.default_rng(0)
-    g = cfg.embedding_size
-    emb = rng.standard_normal((1, g, g, cfg.prompt_embed_dim), dtype=np.float32)
-    interm = tuple(rng.standard_normal((1, g, g, cfg.encoder_embed_dim), dtype=np.float32)
-                   for _ in cfg.encoder_global_attn_indexes)  # fmt: skip
-    rgb = rng.standard_normal((1, cfg.image_size, cfg.image_size, 8), dtype=np.float32)
-    predictor = Predictor(model)
-    input_size = tuple(round(s * cfg.image_size / max(ORIGINAL_SIZE)) for s in ORIGINAL_SIZE)
-    features = ImageFeatures(jnp.asarray(emb), tuple(map(jnp.asarray, interm)), rgb=jnp.asarray(rgb))
-    predictor.set_features(features, ORIGINAL_SIZE, input_size)
+    predictor = random_predictor(_config(args.model_type, args.img_size))
     h, w = ORIGINAL_SIZE
     box = np.array([w / 4, h / 4, w / 4 + w / 3, h / 4 + h / 3], np.float32)
     run = lambda: predictor.predict(box=box)  # noqa: E731
